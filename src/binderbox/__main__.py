@@ -1,0 +1,3 @@
+from binderbox.cli import main
+
+main()

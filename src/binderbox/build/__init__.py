@@ -1,0 +1,1 @@
+"""The builder: detect a repository's configuration, render a Dockerfile, build an image."""

@@ -1,0 +1,148 @@
+"""The base image: Debian from its own packages (mmdebstrap + docker import), plus uv.
+
+No registry is needed. The image is named ``binderbox/base:<suite>-<date>`` and carries a
+label with a hash of its recipe, so a change of recipe builds a new base while an
+unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from binderbox.build import stack
+from binderbox.build.engine import DockerEngine
+from binderbox.build.render import uv_install_command
+from binderbox.errors import BuildFailed, UsageError
+
+BASE_REPOSITORY = "binderbox/base"
+RECIPE_LABEL = "binderbox.base-recipe"
+
+# Suites binderbox can bootstrap, and the Python each ships.
+SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
+
+BASE_PACKAGES = (
+    "python3",
+    "python3-venv",
+    "git",
+    "locales",
+    "ca-certificates",
+    "tini",
+    "nodejs",
+    "npm",
+)
+
+_IMPORT_CHANGES = [
+    "ENV LANG=en_US.UTF-8 LC_ALL=en_US.UTF-8 "
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    'CMD ["/bin/bash"]',
+]
+
+
+def _finishing_dockerfile(rootfs_tag: str) -> str:
+    # The CA bundle is bind-mounted for pip and never copied into the base.
+    install = uv_install_command("/tmp/binderbox-ca.crt")
+    return (
+        f"FROM {rootfs_tag}\n"
+        f"RUN --mount=type=bind,source=ca.crt,target=/tmp/binderbox-ca.crt {install}"
+        f" && ln -s {stack.UV_HOME}/bin/uv /usr/local/bin/uv\n"
+    )
+
+
+def recipe_hash(suite: str) -> str:
+    """A short hash of everything that decides the content of the base image."""
+    text = "\n".join([suite, *BASE_PACKAGES, *_IMPORT_CHANGES, _finishing_dockerfile("ROOTFS")])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check_suite(suite: str) -> None:
+    if suite not in SUITE_PYTHON:
+        known = ", ".join(SUITE_PYTHON)
+        raise UsageError(f"Unknown base suite '{suite}'; binderbox can build: {known}.")
+
+
+def find_base(engine: DockerEngine, suite: str) -> str:
+    """The newest local base image for ``suite`` built from the current recipe, or ''."""
+    check_suite(suite)
+    wanted = recipe_hash(suite)
+    candidates = sorted(
+        (t for t in engine.tags_of(BASE_REPOSITORY) if t.split(":", 1)[1].startswith(suite + "-")),
+        reverse=True,
+    )
+    for tag in candidates:
+        if (engine.image_labels(tag) or {}).get(RECIPE_LABEL) == wanted:
+            return tag
+    return ""
+
+
+def build_base(
+    engine: DockerEngine,
+    suite: str,
+    *,
+    mirror: str = "",
+    ca_bundle: str = "",
+    on_line: Callable[[str], None] = lambda line: None,
+) -> str:
+    """Bootstrap ``binderbox/base:<suite>-<date>`` and return its name."""
+    check_suite(suite)
+    if not shutil.which("mmdebstrap"):
+        raise UsageError(
+            "mmdebstrap is not installed; run the setup command from the README "
+            "(or apt-get install mmdebstrap)."
+        )
+    date = datetime.date.today().strftime("%Y%m%d")
+    tag = f"{BASE_REPOSITORY}:{suite}-{date}"
+    rootfs_tag = f"binderbox/base-rootfs:{suite}-{date}"
+    with tempfile.TemporaryDirectory(prefix="binderbox-base-") as tmp:
+        tarball = Path(tmp) / "rootfs.tar"
+        command = [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(BASE_PACKAGES),
+            "--customize-hook=echo 'en_US.UTF-8 UTF-8' > \"$1/etc/locale.gen\"",
+            '--customize-hook=chroot "$1" locale-gen',
+            suite,
+            str(tarball),
+        ]
+        if mirror:
+            command.append(mirror)
+        on_line("$ " + " ".join(command[:3]) + " … " + suite)
+        _run_streaming(command, on_line, "Bootstrapping the Debian base with mmdebstrap failed")
+        engine.import_tarball(tarball, rootfs_tag, _IMPORT_CHANGES)
+        tarball.unlink()
+
+        context = Path(tmp) / "context"
+        context.mkdir()
+        bundle = Path(ca_bundle) if ca_bundle else Path("/etc/ssl/certs/ca-certificates.crt")
+        shutil.copyfile(bundle, context / "ca.crt")
+        (context / "Dockerfile").write_text(_finishing_dockerfile(rootfs_tag))
+        try:
+            engine.build(
+                context,
+                context / "Dockerfile",
+                tag,
+                labels={RECIPE_LABEL: recipe_hash(suite), "binderbox.python": SUITE_PYTHON[suite]},
+                on_line=on_line,
+            )
+        finally:
+            engine.remove_image(rootfs_tag)
+    return tag
+
+
+def _run_streaming(command: list[str], on_line: Callable[[str], None], failure: str) -> None:
+    tail: list[str] = []
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as process:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.rstrip("\n")
+            tail = [*tail[-24:], line]
+            on_line(line)
+    if process.returncode != 0:
+        raise BuildFailed(f"{failure} (exit code {process.returncode}).", log_tail="\n".join(tail))

@@ -1,0 +1,174 @@
+"""Read a checked-out repository and decide what to build (pure: files in, a plan out).
+
+The rules follow repo2docker's documented behaviour:
+
+* ``binder/`` or ``.binder/``, when present, is the only place configuration is read from;
+  having both is an error.
+* A ``Dockerfile`` is exclusive: it is built as written and nothing else is applied.
+* ``setup.py`` and ``pyproject.toml`` (with ``[project]`` and ``[build-system]``) count only
+  at the repository root and only when there is no binder directory.
+* ``requirements.txt``, ``runtime.txt``, ``apt.txt``, ``postBuild`` and ``start`` are read
+  from the configuration directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from binderbox.build.plan import AptPackage, BuildPlan, Requirements
+from binderbox.errors import ConfigError
+
+BINDER_DIRS = ("binder", ".binder")
+
+# Files of ecosystems binderbox cannot build yet. A silent fallback to a plain Python
+# environment would give users a wrong environment, so each of these stops the build.
+NOT_YET_SUPPORTED = {
+    "environment.yml": "conda environments (environment.yml)",
+    "environment.yaml": "conda environments (environment.yaml)",
+    "Pipfile": "Pipenv (Pipfile)",
+    "Pipfile.lock": "Pipenv (Pipfile.lock)",
+    "install.R": "R (install.R)",
+    "Project.toml": "Julia (Project.toml)",
+    "JuliaProject.toml": "Julia (JuliaProject.toml)",
+    "REQUIRE": "legacy Julia (REQUIRE)",
+    "default.nix": "Nix (default.nix)",
+}
+# These are only looked for at the root, and only without a binder directory.
+ROOT_ONLY_NOT_YET_SUPPORTED = {"DESCRIPTION": "R packages (DESCRIPTION)"}
+
+# A Debian package name (policy 5.6.1), optionally "=version" (policy 5.6.12).
+_APT_LINE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]+)(?:=(?P<version>[A-Za-z0-9.+~:-]+))?$")
+_RUNTIME_PYTHON = re.compile(r"^python-(?P<major>\d+)\.(?P<minor>\d+)(?:\.\d+)?$")
+# Requirement lines that name files in the repository.
+_LOCAL_REQUIREMENT = re.compile(
+    r"^(-e|--editable|-r|--requirement|-c|--constraint)(\s|=|$)|^(\.|/|~|file:)|\s@\s*file:"
+)
+
+
+def detect(repo: Path) -> BuildPlan:
+    """Return the build plan for the repository checked out at ``repo``.
+
+    Raises ConfigError, naming the file, when the configuration cannot be used.
+    """
+    if not repo.is_dir():
+        raise ConfigError(f"The repository folder '{repo}' does not exist.")
+
+    config_dir = _config_dir(repo)
+    conf = repo / config_dir if config_dir else repo
+
+    def rel(name: str) -> str:
+        return f"{config_dir}/{name}" if config_dir else name
+
+    def present(name: str) -> bool:
+        return (conf / name).is_file()
+
+    if present("Dockerfile"):
+        return BuildPlan(config_dir=config_dir, dockerfile=rel("Dockerfile"))
+
+    unsupported = [(rel(n), what) for n, what in NOT_YET_SUPPORTED.items() if present(n)]
+    if not config_dir:
+        unsupported += [(n, w) for n, w in ROOT_ONLY_NOT_YET_SUPPORTED.items() if present(n)]
+    if unsupported:
+        path, what = unsupported[0]
+        raise ConfigError(
+            f"{path}: {what} is not supported by binderbox yet; "
+            "use requirements.txt and apt.txt instead, or a Dockerfile."
+        )
+
+    warnings: list[str] = []
+    requirements = None
+    if present("requirements.txt"):
+        requirements = _read_requirements(conf / "requirements.txt", rel("requirements.txt"))
+
+    start = rel("start") if present("start") else ""
+    if start and 'exec "$@"' not in (repo / start).read_text(errors="replace"):
+        warnings.append(f'{start} does not contain exec "$@"; the container command may never run.')
+
+    return BuildPlan(
+        config_dir=config_dir,
+        python_version=_read_runtime(conf / "runtime.txt", rel("runtime.txt"))
+        if present("runtime.txt")
+        else "",
+        apt_packages=_read_apt(conf / "apt.txt", rel("apt.txt")) if present("apt.txt") else (),
+        requirements=requirements,
+        install_project="" if config_dir else _project_file(repo),
+        post_build=rel("postBuild") if present("postBuild") else "",
+        start=start,
+        warnings=tuple(warnings),
+    )
+
+
+def _config_dir(repo: Path) -> str:
+    found = [name for name in BINDER_DIRS if (repo / name).is_dir()]
+    if len(found) > 1:
+        raise ConfigError(
+            "The repository has both a 'binder' and a '.binder' folder; keep only one."
+        )
+    return found[0] if found else ""
+
+
+def _read_text(path: Path, rel: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{rel} is not a UTF-8 text file.") from None
+
+
+def _read_apt(path: Path, rel: str) -> tuple[AptPackage, ...]:
+    packages: list[AptPackage] = []
+    for number, raw in enumerate(_read_text(path, rel).splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _APT_LINE.match(line)
+        if not match:
+            raise ConfigError(
+                f"{rel} line {number}: {line!r} is not a Debian package name "
+                "(one package per line, optionally name=version)."
+            )
+        packages.append(AptPackage(match["name"], match["version"] or ""))
+    return tuple(packages)
+
+
+def _read_runtime(path: Path, rel: str) -> str:
+    lines = [
+        ln.strip()
+        for ln in _read_text(path, rel).splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    if not lines:
+        return ""
+    match = _RUNTIME_PYTHON.match(lines[0])
+    if match:
+        return f"{match['major']}.{match['minor']}"
+    if lines[0].startswith("r-"):
+        raise ConfigError(f"{rel}: R environments ({lines[0]}) are not supported by binderbox yet.")
+    raise ConfigError(
+        f"{rel}: {lines[0]!r} is not understood; write python-X.Y, for example python-3.11."
+    )
+
+
+def _read_requirements(path: Path, rel: str) -> Requirements:
+    local = False
+    for raw in _read_text(path, rel).splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if line and not line.startswith("#") and _LOCAL_REQUIREMENT.search(line):
+            local = True
+    return Requirements(path=rel, local=local)
+
+
+def _project_file(repo: Path) -> str:
+    """The root file that makes the repository an installable package, if any."""
+    if (repo / "setup.py").is_file():
+        return "setup.py"
+    pyproject = repo / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            data = tomllib.loads(_read_text(pyproject, "pyproject.toml"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"pyproject.toml is not valid TOML: {err}.") from None
+        if "project" in data and "build-system" in data:
+            return "pyproject.toml"
+    return ""

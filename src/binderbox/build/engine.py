@@ -1,0 +1,256 @@
+"""The Docker edge: BuildKit builds through the docker CLI, everything else via the SDK.
+
+The SDK only speaks the classic builder, which lacks ``RUN --mount``; builds therefore go
+through the ``docker`` CLI with ``DOCKER_BUILDKIT=1`` and plain progress output, which is
+also what users see as the build log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from binderbox.build.render import Step
+from binderbox.errors import BuildFailed, DockerUnavailable
+
+LOG_TAIL_LINES = 25
+
+_VERTEX_HEADER = re.compile(r"^#(?P<id>\d+) \[[^\]]*\] (?P<instruction>.*)$")
+_VERTEX_LINE = re.compile(r"^#(?P<id>\d+) (?:\d+\.\d+ )?(?P<text>.*)$")
+_VERTEX_ERROR = re.compile(r"^#(?P<id>\d+) ERROR: (?P<text>.*)$")
+_EXIT_CODE = re.compile(r"exit code: (?P<code>\d+)")
+
+# Known failure causes in the log, turned into words for the user.
+_CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r"Because (?P<x>[A-Za-z0-9._-]+) was not found in the package registry"),
+        "'{x}' was not found on the package index",
+    ),
+    (
+        re.compile(r"No matching distribution found for (?P<x>\S+)"),
+        "'{x}' was not found on the package index",
+    ),
+    (
+        re.compile(r"E: Unable to locate package (?P<x>\S+)"),
+        "apt.txt: package '{x}' was not found in the Debian archive",
+    ),
+    (
+        re.compile(r"E: Version '(?P<v>[^']+)' for '(?P<x>[^']+)' was not found"),
+        "apt.txt: version '{v}' of '{x}' was not found in the Debian archive",
+    ),
+    (
+        re.compile(
+            r"(?:failed to resolve source metadata for|pull access denied for|"
+            r"failed to do request: Head \"https?://)(?P<x>[^\s:\"]+)"
+        ),
+        "the Dockerfile's base image could not be pulled ({x}); this machine has no "
+        "registry access for it",
+    ),
+)
+
+
+def docker_client() -> docker.DockerClient:
+    """A connected Docker SDK client, or DockerUnavailable with a plain explanation."""
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except docker.errors.DockerException:
+        raise DockerUnavailable(
+            "Docker is not running or not reachable (is dockerd started, and may this user "
+            "use /var/run/docker.sock?)."
+        ) from None
+    return client
+
+
+@dataclass
+class DockerEngine:
+    """Builds and inspects images on the local Docker daemon."""
+
+    docker_cli: str
+    client: docker.DockerClient
+
+    @classmethod
+    def connect(cls, docker_cli: str) -> DockerEngine:
+        return cls(docker_cli=docker_cli, client=docker_client())
+
+    def image_labels(self, name: str) -> dict[str, str] | None:
+        """The labels of a local image, or None when there is no such image."""
+        try:
+            image = self.client.images.get(name)
+        except docker.errors.ImageNotFound:
+            return None
+        return dict(image.labels or {})
+
+    def image_exists(self, name: str) -> bool:
+        return self.image_labels(name) is not None
+
+    def image_size(self, name: str) -> int:
+        return int(self.client.images.get(name).attrs.get("Size", 0))
+
+    def tags_of(self, repository: str) -> list[str]:
+        """All local tags of an image repository such as ``binderbox/base``."""
+        tags: list[str] = []
+        for image in self.client.images.list(name=repository):
+            tags += [t for t in image.tags if t.startswith(repository + ":")]
+        return tags
+
+    def build(
+        self,
+        context: Path,
+        dockerfile: Path,
+        tag: str,
+        *,
+        labels: dict[str, str] | None = None,
+        no_cache: bool = False,
+        timeout: float = 3600,
+        steps: Iterable[Step] = (),
+        on_line: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        """Run one BuildKit build, streaming each log line to ``on_line``.
+
+        Raises BuildFailed with a sentence naming the failed step and the log tail.
+        """
+        command = [self.docker_cli, "build", "--progress=plain", "-f", str(dockerfile), "-t", tag]
+        for key, value in (labels or {}).items():
+            command += ["--label", f"{key}={value}"]
+        if no_cache:
+            command.append("--no-cache")
+        command.append(str(context))
+        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        try:
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise DockerUnavailable(
+                f"The docker command '{self.docker_cli}' was not found; install docker.io."
+            ) from None
+
+        timed_out = threading.Event()
+
+        def stop() -> None:
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(timeout, stop)
+        timer.start()
+        log = _BuildLog()
+        try:
+            assert process.stdout is not None
+            for raw in process.stdout:
+                line = raw.rstrip("\n")
+                log.add(line)
+                on_line(line)
+            code = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if timed_out.is_set():
+            raise BuildFailed(
+                f"The build took longer than the limit of {_duration(timeout)} and was stopped.",
+                log_tail=log.tail(),
+            )
+        if code != 0:
+            raise log.failure(tuple(steps))
+
+    def import_tarball(self, tarball: Path, tag: str, changes: list[str]) -> None:
+        """``docker import`` a root filesystem tarball as an image."""
+        command = [self.docker_cli, "import"]
+        for change in changes:
+            command += ["--change", change]
+        command += [str(tarball), tag]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BuildFailed(
+                f"Importing the base image failed: {result.stderr.strip()}",
+            )
+
+    def remove_image(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            self.client.images.remove(name, noprune=False)
+
+
+class _BuildLog:
+    """Keeps what is needed to explain a failed BuildKit build."""
+
+    def __init__(self) -> None:
+        self.lines: deque[str] = deque(maxlen=2000)
+        self.instructions: dict[str, str] = {}
+        self.failed_vertex = ""
+        self.error_text = ""
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if header := _VERTEX_HEADER.match(line):
+            self.instructions.setdefault(header["id"], header["instruction"])
+        elif error := _VERTEX_ERROR.match(line):
+            self.failed_vertex = self.failed_vertex or error["id"]
+            self.error_text = self.error_text or error["text"]
+        elif line.startswith("ERROR:") and not self.error_text:
+            self.error_text = line.removeprefix("ERROR:").strip()
+
+    def vertex_output(self, vertex: str) -> list[str]:
+        out = []
+        for line in self.lines:
+            match = _VERTEX_LINE.match(line)
+            if match and match["id"] == vertex and not _VERTEX_HEADER.match(line):
+                text = match["text"]
+                if text in {"DONE", "CACHED"} or text.startswith(("DONE ", "ERROR: ")):
+                    continue
+                out.append(text)
+        return out
+
+    def tail(self) -> str:
+        lines = self.vertex_output(self.failed_vertex) if self.failed_vertex else list(self.lines)
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def failure(self, steps: tuple[Step, ...]) -> BuildFailed:
+        instruction = self.instructions.get(self.failed_vertex, "")
+        step = next((s for s in steps if s.marker and s.marker in instruction), None)
+        text = "\n".join(self.lines)
+        cause = ""
+        for pattern, template in _CAUSES:
+            if match := pattern.search(text):
+                cause = template.format(**match.groupdict())
+                break
+        if not cause:
+            code = _EXIT_CODE.search(self.error_text)
+            cause = f"the command exited with code {code['code']}" if code else self.error_text
+        where = f" while {step.description}" if step else ""
+        if not step and instruction:
+            where = f" at '{_short(instruction)}'"
+        return BuildFailed(
+            f"The build failed{where}: {cause or 'see the log'}.", log_tail=self.tail()
+        )
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        hours = int(seconds // 3600)
+        return f"{hours} hour" + ("s" if hours != 1 else "")
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} minutes"
+    return f"{seconds:g} seconds"

@@ -1,0 +1,249 @@
+"""Turn a BuildPlan into a Dockerfile and the files its build context needs (pure).
+
+Layers are ordered cache-first: what is identical for every repository on one base
+(user, CA bundle, the Jupyter server stack) comes first, then apt packages and
+dependency files, and the rest of the repository is copied last, so editing a notebook
+rebuilds only the final thin layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from binderbox.build import stack
+from binderbox.build.plan import BuildPlan
+from binderbox.errors import UsageError
+
+# Folders inside the build context.
+REPO_IN_CONTEXT = "repo"
+SUPPORT_IN_CONTEXT = "binderbox"
+
+ENTRYPOINT_SCRIPT = """#!/bin/sh
+# Runs the container command through the repository's `start` script, when it has one.
+if [ -n "${BINDERBOX_START:-}" ] && [ -x "$BINDERBOX_START" ]; then
+    exec "$BINDERBOX_START" "$@"
+fi
+exec "$@"
+"""
+
+DEFAULT_COMMAND = ("jupyter", "lab", "--ip=0.0.0.0", "--port=8888")
+
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_REPO_DIR = re.compile(r"^/[A-Za-z0-9._/-]*$")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Choices that shape the image beyond the repository's own files."""
+
+    base_image: str
+    # True when the base was not built by `binderbox base` and needs Python, uv and tini.
+    foreign_base: bool = False
+    user_id: int = 1000
+    user_name: str = "jovyan"
+    # Where the repository goes; "" means the user's home.
+    target_repo_dir: str = ""
+    appendix: str = ""
+    with_ca_bundle: bool = False
+
+    @property
+    def home(self) -> str:
+        return f"/home/{self.user_name}"
+
+    @property
+    def repo_dir(self) -> str:
+        return self.target_repo_dir or self.home
+
+    def validate(self) -> None:
+        """Raise UsageError when an option could not safely go into the Dockerfile."""
+        if not 1 <= self.user_id <= 65534:
+            raise UsageError("--user-id must be between 1 and 65534 (never 0, root).")
+        if not _USER_NAME.match(self.user_name) or self.user_name == "root":
+            raise UsageError(
+                f"--user-name {self.user_name!r} is not a valid user name "
+                "(lowercase letters, digits, '_' and '-', not 'root')."
+            )
+        repo_dir = self.target_repo_dir
+        if repo_dir and (
+            not _REPO_DIR.match(repo_dir) or ".." in repo_dir.split("/") or repo_dir == "/"
+        ):
+            raise UsageError(
+                f"--target-repo-dir {repo_dir!r} must be an absolute path such as /srv/repo."
+            )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One RUN instruction, described for the user; ``marker`` finds it in BuildKit's log."""
+
+    description: str
+    marker: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A rendered Dockerfile plus the support files to place beside the repository."""
+
+    dockerfile: str
+    support_files: dict[str, str] = field(default_factory=dict)
+    steps: tuple[Step, ...] = ()
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.steps: list[Step] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def run(self, description: str, command: str, mounts: tuple[str, ...] = ()) -> None:
+        mount_flags = "".join(f"--mount={m} " for m in mounts)
+        self.lines.append(f"RUN {mount_flags}{command}")
+        self.steps.append(Step(description, command[:60]))
+
+
+def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
+    """Render the Dockerfile for a plan that has no Dockerfile of its own."""
+    if plan.dockerfile:
+        raise ValueError("a plan with its own Dockerfile is built as written, not rendered")
+    options.validate()
+    uid = options.user_id
+    owner = f"{uid}:{uid}"
+    home, repo_dir = options.home, options.repo_dir
+    uv_cache = (f"type=cache,id=binderbox-uv-{uid},target={stack.UV_CACHE},uid={uid},gid={uid}",)
+    w = _Writer()
+
+    w.add(f"FROM {options.base_image}")
+    w.add("USER root")
+    w.add(
+        "ENV DEBIAN_FRONTEND=noninteractive LANG=en_US.UTF-8 LANGUAGE=en_US:en "
+        "LC_ALL=en_US.UTF-8 SHELL=/bin/bash"
+    )
+    if options.foreign_base:
+        w.run("preparing the base image", system_bootstrap_command())
+    support = {"entrypoint": ENTRYPOINT_SCRIPT}
+    if options.with_ca_bundle:
+        w.add(
+            f"COPY {SUPPORT_IN_CONTEXT}/extra-ca.crt "
+            "/usr/local/share/ca-certificates/binderbox-extra.crt"
+        )
+        w.run("trusting the extra CA bundle", "update-ca-certificates >/dev/null")
+    if options.foreign_base:
+        w.run("installing uv", uv_install_command("/etc/ssl/certs/ca-certificates.crt"))
+    w.add(f"COPY {SUPPORT_IN_CONTEXT}/entrypoint /usr/local/bin/binderbox-entrypoint")
+    dirs = " ".join(shlex.quote(d) for d in dict.fromkeys([stack.VENV, repo_dir]))
+    w.run(
+        f"creating the user {options.user_name}",
+        f"chmod 0755 /usr/local/bin/binderbox-entrypoint"
+        f" && groupadd --gid {uid} {options.user_name}"
+        f" && useradd --uid {uid} --gid {uid} --create-home --shell /bin/bash"
+        f" {options.user_name}"
+        f" && install -d -o {uid} -g {uid} {dirs}",
+    )
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    w.add(
+        f"ENV NB_USER={options.user_name} NB_UID={uid} USER={options.user_name} HOME={home} "
+        f"REPO_DIR={repo_dir} NB_PYTHON_PREFIX={stack.VENV} KERNEL_PYTHON_PREFIX={stack.VENV} "
+        f"VIRTUAL_ENV={stack.VENV} "
+        f"PATH={home}/.local/bin:{repo_dir}/.local/bin:{stack.VENV}/bin:{stack.UV_HOME}/bin:"
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "
+        f"SSL_CERT_FILE={bundle} PIP_CERT={bundle} REQUESTS_CA_BUNDLE={bundle} "
+        f"NODE_EXTRA_CA_CERTS={bundle} "
+        f"UV_CACHE_DIR={stack.UV_CACHE} UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never "
+        "UV_NO_PROGRESS=1 PYTHONUNBUFFERED=1"
+    )
+
+    # The Jupyter server stack: the same text for every repository, so built once.
+    w.add(f"USER {uid}")
+    w.run(
+        "installing the Jupyter server stack",
+        f"uv venv --seed --python /usr/bin/python3 {stack.VENV}"
+        f" && uv pip install --python {stack.VENV}/bin/python " + " ".join(stack.SERVER_STACK),
+        mounts=uv_cache,
+    )
+
+    if plan.apt_packages:
+        names = " ".join(shlex.quote(p.spec()) for p in plan.apt_packages)
+        w.add("USER root")
+        w.run(
+            "installing apt.txt packages",
+            "apt-get update -qq && apt-get install -y --no-install-recommends " + names,
+            mounts=(
+                "type=cache,id=binderbox-apt-cache,target=/var/cache/apt,sharing=locked",
+                "type=cache,id=binderbox-apt-lists,target=/var/lib/apt/lists,sharing=locked",
+            ),
+        )
+        w.add(f"USER {uid}")
+
+    reqs = plan.requirements
+    if reqs and not reqs.local:
+        # Only the requirements file first: editing anything else keeps this layer.
+        w.add(
+            f"COPY --chown={owner} {REPO_IN_CONTEXT}/{reqs.path}"
+            " /tmp/binderbox-deps/requirements.txt"
+        )
+        w.run(
+            f"installing {reqs.path}",
+            f"uv pip install --python {stack.VENV}/bin/python"
+            " -r /tmp/binderbox-deps/requirements.txt",
+            mounts=uv_cache,
+        )
+
+    w.add(f"COPY --chown={owner} {REPO_IN_CONTEXT}/ {repo_dir}/")
+    w.add(f"WORKDIR {repo_dir}")
+    if reqs and reqs.local:
+        w.run(
+            f"installing {reqs.path}",
+            f"uv pip install --python {stack.VENV}/bin/python -r {shlex.quote(reqs.path)}",
+            mounts=uv_cache,
+        )
+    if plan.install_project:
+        w.run(
+            f"installing the repository as a package ({plan.install_project})",
+            f"uv pip install --python {stack.VENV}/bin/python .",
+            mounts=uv_cache,
+        )
+    executables = [p for p in (plan.start, plan.post_build) if p]
+    if executables:
+        quoted = " ".join(shlex.quote(p) for p in executables)
+        command = f"chmod +x {quoted}"
+        if plan.post_build:
+            command += f" && ./{shlex.quote(plan.post_build)}"
+        w.run(f"running {plan.post_build}" if plan.post_build else "preparing start", command)
+
+    if options.appendix.strip():
+        w.add("# --appendix")
+        w.add(options.appendix.strip())
+        w.add(f"USER {uid}")
+        w.add(f"WORKDIR {repo_dir}")
+
+    if plan.start:
+        w.add(f"ENV BINDERBOX_START={repo_dir}/{plan.start}")
+    w.add("EXPOSE 8888")
+    w.add('ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/usr/local/bin/binderbox-entrypoint"]')
+    w.add(f"CMD {json.dumps(list(DEFAULT_COMMAND))}")
+    return Recipe("\n".join(w.lines) + "\n", support, tuple(w.steps))
+
+
+def system_bootstrap_command() -> str:
+    """Shell command that gives any Debian or Ubuntu image what binderbox images need."""
+    packages = "python3 python3-venv git locales ca-certificates tini"
+    return (
+        "apt-get update -qq"
+        f" && apt-get install -y --no-install-recommends {packages}"
+        " && rm -rf /var/lib/apt/lists/*"
+        ' && echo "en_US.UTF-8 UTF-8" > /etc/locale.gen && locale-gen >/dev/null'
+    )
+
+
+def uv_install_command(ca_file: str) -> str:
+    """Shell command that installs uv from PyPI into its own venv."""
+    return (
+        f"python3 -m venv {stack.UV_HOME}"
+        f" && PIP_CERT={shlex.quote(ca_file)} {stack.UV_HOME}/bin/pip install --no-cache-dir"
+        f" --disable-pip-version-check -q uv=={stack.UV_VERSION}"
+    )

@@ -1,0 +1,256 @@
+"""The ``binderbox`` command: base, build, run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from binderbox import __version__
+from binderbox.build import base as base_image
+from binderbox.build.detect import detect
+from binderbox.build.engine import DockerEngine, docker_client
+from binderbox.build.pipeline import BuildRequest, build_repository
+from binderbox.build.render import ImageOptions, render
+from binderbox.config import Settings, load_settings
+from binderbox.errors import BinderboxError, BuildFailed
+from binderbox.events import Event
+from binderbox.providers import LocalSource, source_for
+from binderbox.runner import RunOptions, parse_env, parse_ports, parse_volumes, serve_jupyter
+from binderbox.runner import run_command as run_in_container
+
+
+@dataclass
+class Output:
+    """Prints events for people, or as one JSON object per line with --json-logs."""
+
+    json_logs: bool = False
+    quiet_log: bool = False
+
+    def __call__(self, event: Event) -> None:
+        if self.json_logs:
+            click.echo(json.dumps(event.as_json()), err=False)
+            return
+        if event.log:
+            if not self.quiet_log:
+                click.echo("    " + event.message, err=True)
+        elif event.phase == "failed":
+            click.echo(click.style("Error: ", fg="red", bold=True) + event.message, err=True)
+        else:
+            click.echo(click.style("==> ", fg="blue", bold=True) + event.message, err=True)
+
+    def fail(self, error: BinderboxError) -> None:
+        fields: dict[str, Any] = {}
+        if error.log_tail:
+            fields["log_tail"] = error.log_tail
+        if self.json_logs:
+            self(Event("failed", error.message, fields))
+            return
+        self(Event("failed", error.message))
+        if error.log_tail:
+            click.echo("The last lines of the build log:", err=True)
+            for line in error.log_tail.splitlines():
+                click.echo("    " + line, err=True)
+
+
+def _guarded(out: Output, action: Callable[[], int | None]) -> None:
+    """Run ``action``; show user errors as one sentence and never as a traceback."""
+    try:
+        code = action() or 0
+    except BinderboxError as error:
+        out.fail(error)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as error:  # the last line of defence against tracebacks
+        out.fail(BinderboxError(f"binderbox failed unexpectedly: {type(error).__name__}: {error}"))
+        sys.exit(1)
+    sys.exit(code)
+
+
+def build_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The build flags shared by ``build`` and ``run`` (repo2docker's names)."""
+    decorators = [
+        click.argument("repo"),
+        click.option("--ref", default="", help="Branch, tag or commit (git URLs only)."),
+        click.option("--image-name", default="", help="Name the image instead of deriving it."),
+        click.option("--subdir", default="", help="Build from this folder of the repository."),
+        click.option("--user-id", type=int, default=1000, show_default=True),
+        click.option("--user-name", default="jovyan", show_default=True),
+        click.option("--target-repo-dir", default="", help="Where the repository goes."),
+        click.option("--appendix", default="", help="Dockerfile lines appended to the build."),
+        click.option("--base-image", default=None, help="Use this Debian/Ubuntu image as base."),
+        click.option("--json-logs", is_flag=True, help="One JSON object per line."),
+        click.option("--no-cache", is_flag=True, help="Rebuild every layer."),
+        click.option("--config", "config_file", default=None, help="Settings TOML file."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def _settings(config_file: str | None, **overrides: Any) -> Settings:
+    return load_settings(config_file).with_overrides(**overrides)
+
+
+def _request(repo: str, ref: str, **kw: Any) -> BuildRequest:
+    return BuildRequest(source=source_for(repo, ref), **kw)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="binderbox")
+def main() -> None:
+    """Turn a code repository into a live Jupyter environment."""
+
+
+@main.command()
+@click.option("--suite", default=None, help="Debian suite: bookworm (default) or trixie.")
+@click.option("--rebuild", is_flag=True, help="Build even if a current base exists.")
+@click.option("--config", "config_file", default=None, help="Settings TOML file.")
+def base(suite: str | None, rebuild: bool, config_file: str | None) -> None:
+    """Build the Debian base image from Debian packages (once; reused afterwards)."""
+    out = Output()
+
+    def action() -> None:
+        settings = _settings(config_file)
+        chosen = suite or settings.base_suite
+        base_image.check_suite(chosen)
+        engine = DockerEngine.connect(settings.docker_cli)
+        found = "" if rebuild else base_image.find_base(engine, chosen)
+        if found:
+            out(Event("built", f"Base image {found} is present and current"))
+            click.echo(found)
+            return
+        out(Event("building", f"Bootstrapping {chosen} with mmdebstrap"))
+        name = base_image.build_base(
+            engine,
+            chosen,
+            mirror=settings.debian_mirror,
+            ca_bundle=settings.ca_bundle,
+            on_line=lambda line: out(Event("building", line, log=True)),
+        )
+        out(Event("built", f"Built {name}"))
+        click.echo(name)
+
+    _guarded(out, action)
+
+
+@main.command()
+@build_options
+@click.option("--no-build", is_flag=True, help="Print the generated Dockerfile and stop.")
+def build(
+    repo: str,
+    ref: str,
+    json_logs: bool,
+    config_file: str | None,
+    base_image: str | None,
+    no_build: bool,
+    **options: Any,
+) -> None:
+    """Build an image from REPO (a folder or a git URL)."""
+    out = Output(json_logs=json_logs)
+
+    def action() -> None:
+        settings = _settings(config_file, base_image=base_image)
+        if no_build:
+            _print_dockerfile(repo, ref, settings, options)
+            return
+        result = build_repository(_request(repo, ref, **options), settings, out)
+        if not json_logs:
+            click.echo(result.image)
+
+    _guarded(out, action)
+
+
+def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str, Any]) -> None:
+    source = source_for(repo, ref)
+    if not isinstance(source, LocalSource):
+        raise BinderboxError("--no-build works on a local folder; clone the repository first.")
+    plan = detect(source.path / options["subdir"] if options["subdir"] else source.path)
+    if plan.dockerfile:
+        click.echo((source.path / plan.dockerfile).read_text(), nl=False)
+        return
+    recipe = render(
+        plan,
+        ImageOptions(
+            base_image=settings.base_image
+            or f"{base_image.BASE_REPOSITORY}:<{settings.base_suite}>",
+            foreign_base=bool(settings.base_image),
+            user_id=options["user_id"],
+            user_name=options["user_name"],
+            target_repo_dir=options["target_repo_dir"],
+            appendix=options["appendix"],
+            with_ca_bundle=bool(settings.ca_bundle),
+        ),
+    )
+    click.echo(recipe.dockerfile, nl=False)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@build_options
+@click.option("-p", "--publish", "ports", multiple=True, help="HOST:CONTAINER port.")
+@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE in the container.")
+@click.option("-v", "--volume", "volumes", multiple=True, help="SOURCE:DEST mount.")
+@click.option("--editable", is_flag=True, help="Mount the local folder over the repository.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(
+    repo: str,
+    ref: str,
+    json_logs: bool,
+    config_file: str | None,
+    base_image: str | None,
+    ports: tuple[str, ...],
+    env: tuple[str, ...],
+    volumes: tuple[str, ...],
+    editable: bool,
+    command: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Build REPO if needed, then serve JupyterLab on 127.0.0.1 or run COMMAND in it."""
+    out = Output(json_logs=json_logs)
+
+    def action() -> int:
+        settings = _settings(config_file, base_image=base_image)
+        run_options = RunOptions(
+            ports=parse_ports(ports),
+            environment=parse_env(env),
+            volumes=parse_volumes(volumes),
+            command=command,
+        )
+        request = _request(repo, ref, **options)
+        if editable and not isinstance(request.source, LocalSource):
+            raise BinderboxError("--editable needs a local folder, not a URL.")
+        client = docker_client()
+        result = build_repository(request, settings, out)
+        if editable:
+            assert isinstance(request.source, LocalSource)
+            repo_dir = _image_env(client, result.image).get("REPO_DIR", "/home/jovyan")
+            folder = request.source.path / request.subdir if request.subdir else request.source.path
+            run_options.volumes[str(folder)] = repo_dir
+        if command:
+            return run_in_container(client, result.image, run_options)
+        out(Event("built", "Starting JupyterLab (Ctrl-C stops and removes the container)"))
+
+        def announce(url: str) -> None:
+            if json_logs:
+                out(Event("ready", "JupyterLab is running", {"url": url}))
+            else:
+                click.echo(f"\n    JupyterLab is running at:\n    {url}\n", err=True)
+                click.echo(url)
+
+        return serve_jupyter(client, result.image, run_options, announce)
+
+    _guarded(out, action)
+
+
+def _image_env(client: Any, image: str) -> dict[str, str]:
+    config = client.images.get(image).attrs.get("Config") or {}
+    return dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)
+
+
+__all__ = ["BuildFailed", "main"]

@@ -12,7 +12,7 @@ import urllib.request
 
 import docker
 import pytest
-from tests.conftest import BINDERBOX, run_in_image
+from tests.conftest import BINDERBOX, binderbox, run_in_image
 
 pytestmark = pytest.mark.docker
 
@@ -228,3 +228,33 @@ def test_apt_injection_is_refused_before_building(make_repo, build):
     assert "apt.txt line 2" in result.failure["message"]
     assert not any(e.get("log") for e in result.events)
     assert not result.image
+
+
+def test_runtime_txt_picks_the_base_that_ships_that_python(make_repo, build):
+    result = build(str(make_repo({"runtime.txt": "python-3.13\n", "requirements.txt": "six\n"})))
+    assert result.code == 0, result.stderr
+    assert sh(result.image, "python --version").startswith("Python 3.13")
+
+
+def test_runtime_txt_unavailable_python_uses_the_nearest_with_a_warning(make_repo, build):
+    result = build(str(make_repo({"runtime.txt": "python-3.10\n"})))
+    assert result.code == 0, result.stderr
+    warnings = [e["message"] for e in result.events if e["message"].startswith("Warning:")]
+    assert any("3.10" in w and "3.11" in w for w in warnings), warnings
+    assert sh(result.image, "python --version").startswith("Python 3.11")
+
+
+def test_runtime_txt_unavailable_python_can_be_refused(make_repo, build):
+    repo = make_repo({"runtime.txt": "python-3.10\n"})
+    result = binderbox("build", "--json-logs", str(repo), env={"BINDERBOX_PYTHON_FALLBACK": "fail"})
+    assert result.code == 1
+    assert "Python 3.10" in result.failure["message"]
+
+
+def test_any_debian_image_can_be_the_base(make_repo, build, base_image):
+    # Our own base, treated as a foreign image: binderbox must add Python, uv and tini itself.
+    repo = make_repo({"requirements.txt": "six==1.16.0\n"})
+    result = build(str(repo), "--base-image", base_image)
+    assert result.code == 0, result.stderr
+    assert sh(result.image, "python -c 'import six; print(six.__version__)'") == "1.16.0"
+    assert sh(result.image, "id -un") == "jovyan"

@@ -99,13 +99,25 @@ def load_settings(
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise UsageError(f"The settings file '{path}' does not exist.") from None
+        except OSError as err:
+            raise UsageError(
+                f"The settings file '{path}' cannot be read: {err.strerror}."
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"The settings file '{path}' is not valid TOML: {err}.") from None
         for key, raw in data.items():
             name = key.replace("-", "_")
             if name not in known:
                 raise UsageError(f"The settings file '{path}' has an unknown setting '{key}'.")
-            values[name] = _convert(name, hints[name], raw)
+            kind = hints[name]
+            # TOML is typed: take a value only when it already has the right type.
+            if type(raw) is not kind and not (
+                kind is int and type(raw) is float and raw.is_integer()
+            ):
+                raise UsageError(
+                    f"The settings file '{path}': '{key}' must be a {kind.__name__}, not {raw!r}."
+                )
+            values[name] = kind(raw)
 
     for name in known:
         env_name = "BINDERBOX_" + name.upper()

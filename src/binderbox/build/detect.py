@@ -40,11 +40,13 @@ ROOT_ONLY_NOT_YET_SUPPORTED = {"DESCRIPTION": "R packages (DESCRIPTION)"}
 
 # A Debian package name (policy 5.6.1), optionally "=version" (policy 5.6.12).
 _APT_LINE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]+)(?:=(?P<version>[A-Za-z0-9.+~:-]+))?$")
-_RUNTIME_PYTHON = re.compile(r"^python-(?P<major>\d+)\.(?P<minor>\d+)(?:\.\d+)?$")
+_RUNTIME_PYTHON = re.compile(r"python-(?P<major>\d+)(?:\.(?P<minor>\d+)(?:\.\d+)?)?")
 # Requirement lines that name files in the repository.
 _LOCAL_REQUIREMENT = re.compile(
-    r"^(-e|--editable|-r|--requirement|-c|--constraint)(\s|=|$)|^(\.|/|~|file:)|\s@\s*file:"
+    r"^(-e|--editable|-r|--requirement|-c|--constraint)(\s|=|$)|^(\.|/|~|file:)|@\s*file:"
 )
+# --find-links with a folder rather than a URL also needs the repository's files.
+_LOCAL_FIND_LINKS = re.compile(r"^(-f|--find-links)(\s+|=)(?![A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def detect(repo: Path) -> BuildPlan:
@@ -119,10 +121,10 @@ def _read_text(path: Path, rel: str) -> str:
 def _read_apt(path: Path, rel: str) -> tuple[AptPackage, ...]:
     packages: list[AptPackage] = []
     for number, raw in enumerate(_read_text(path, rel).splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        line = raw.partition("#")[0].strip()
+        if not line:
             continue
-        match = _APT_LINE.match(line)
+        match = _APT_LINE.fullmatch(line)
         if not match:
             raise ConfigError(
                 f"{rel} line {number}: {line!r} is not a Debian package name "
@@ -140,7 +142,9 @@ def _read_runtime(path: Path, rel: str) -> str:
     ]
     if not lines:
         return ""
-    match = _RUNTIME_PYTHON.match(lines[0])
+    match = _RUNTIME_PYTHON.fullmatch(lines[0])
+    if match and match["minor"] is None:
+        return ""  # "python-3": any Python 3, so the base image's
     if match:
         return f"{match['major']}.{match['minor']}"
     if lines[0].startswith("r-"):
@@ -154,7 +158,7 @@ def _read_requirements(path: Path, rel: str) -> Requirements:
     local = False
     for raw in _read_text(path, rel).splitlines():
         line = raw.split(" #", 1)[0].strip()
-        if line and not line.startswith("#") and _LOCAL_REQUIREMENT.search(line):
+        if line and (_LOCAL_REQUIREMENT.search(line) or _LOCAL_FIND_LINKS.search(line)):
             local = True
     return Requirements(path=rel, local=local)
 

@@ -9,6 +9,7 @@ rebuilds only the final thin layers.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -61,14 +62,16 @@ class ImageOptions:
         """Raise UsageError when an option could not safely go into the Dockerfile."""
         if not 1 <= self.user_id <= 65534:
             raise UsageError("--user-id must be between 1 and 65534 (never 0, root).")
-        if not _USER_NAME.match(self.user_name) or self.user_name == "root":
+        if not _USER_NAME.fullmatch(self.user_name) or self.user_name == "root":
             raise UsageError(
                 f"--user-name {self.user_name!r} is not a valid user name "
                 "(lowercase letters, digits, '_' and '-', not 'root')."
             )
         repo_dir = self.target_repo_dir
         if repo_dir and (
-            not _REPO_DIR.match(repo_dir) or ".." in repo_dir.split("/") or repo_dir == "/"
+            not _REPO_DIR.fullmatch(repo_dir)
+            or posixpath.normpath(repo_dir) != repo_dir.rstrip("/")
+            or posixpath.normpath(repo_dir) == "/"
         ):
             raise UsageError(
                 f"--target-repo-dir {repo_dir!r} must be an absolute path such as /srv/repo."
@@ -139,8 +142,8 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     w.run(
         f"creating the user {options.user_name}",
         f"chmod 0755 /usr/local/bin/binderbox-entrypoint"
-        f" && groupadd --gid {uid} {options.user_name}"
-        f" && useradd --uid {uid} --gid {uid} --create-home --shell /bin/bash"
+        f" && groupadd --non-unique --gid {uid} {options.user_name}"
+        f" && useradd --non-unique --uid {uid} --gid {uid} --create-home --shell /bin/bash"
         f" {options.user_name}"
         f" && install -d -o {uid} -g {uid} {dirs}",
     )

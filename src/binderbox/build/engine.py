@@ -195,18 +195,31 @@ class _BuildLog:
     def __init__(self) -> None:
         self.lines: deque[str] = deque(maxlen=2000)
         self.instructions: dict[str, str] = {}
-        self.failed_vertex = ""
-        self.error_text = ""
+        self.errors: list[tuple[str, str]] = []  # (vertex, error text), in order
+        self.final_error = ""
 
     def add(self, line: str) -> None:
         self.lines.append(line)
         if header := _VERTEX_HEADER.match(line):
             self.instructions.setdefault(header["id"], header["instruction"])
         elif error := _VERTEX_ERROR.match(line):
-            self.failed_vertex = self.failed_vertex or error["id"]
-            self.error_text = self.error_text or error["text"]
-        elif line.startswith("ERROR:") and not self.error_text:
-            self.error_text = line.removeprefix("ERROR:").strip()
+            self.errors.append((error["id"], error["text"]))
+        elif line.startswith("ERROR:"):
+            self.final_error = line.removeprefix("ERROR:").strip()
+
+    @property
+    def failed(self) -> tuple[str, str]:
+        """The vertex that failed the build and its error.
+
+        A command that exits non-zero is the real cause; other vertex errors (a cancelled
+        sibling, a cache record lost to a concurrent prune) only count when there is none.
+        """
+        for vertex, text in reversed(self.errors):
+            if _EXIT_CODE.search(text):
+                return vertex, text
+        if self.errors:
+            return self.errors[-1]
+        return "", self.final_error
 
     def vertex_output(self, vertex: str) -> list[str]:
         out = []
@@ -214,17 +227,19 @@ class _BuildLog:
             match = _VERTEX_LINE.match(line)
             if match and match["id"] == vertex and not _VERTEX_HEADER.match(line):
                 text = match["text"]
-                if text in {"DONE", "CACHED"} or text.startswith(("DONE ", "ERROR: ")):
+                if text in {"DONE", "CACHED"} or text.startswith(("DONE ", "ERROR: ", "sha256:")):
                     continue
                 out.append(text)
         return out
 
     def tail(self) -> str:
-        lines = self.vertex_output(self.failed_vertex) if self.failed_vertex else list(self.lines)
+        vertex, _ = self.failed
+        lines = self.vertex_output(vertex) if vertex else list(self.lines)
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
     def failure(self, steps: tuple[Step, ...]) -> BuildFailed:
-        instruction = self.instructions.get(self.failed_vertex, "")
+        vertex, error_text = self.failed
+        instruction = self.instructions.get(vertex, "")
         step = next((s for s in steps if s.marker and s.marker in instruction), None)
         text = "\n".join(self.lines)
         cause = ""
@@ -233,8 +248,8 @@ class _BuildLog:
                 cause = template.format(**match.groupdict())
                 break
         if not cause:
-            code = _EXIT_CODE.search(self.error_text)
-            cause = f"the command exited with code {code['code']}" if code else self.error_text
+            code = _EXIT_CODE.search(error_text)
+            cause = f"the command exited with code {code['code']}" if code else error_text
         where = f" while {step.description}" if step else ""
         if not step and instruction:
             where = f" at '{_short(instruction)}'"

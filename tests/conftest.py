@@ -178,6 +178,9 @@ class GitServer:
             )
         git("push", "--quiet", "--all", "--force", str(bare), cwd=work)
         git("push", "--quiet", "--tags", "--force", str(bare), cwd=work)
+        # Serve the work tree's branch as HEAD, whatever init.defaultBranch says.
+        branch = git("symbolic-ref", "--short", "HEAD", cwd=work)
+        git("symbolic-ref", "HEAD", f"refs/heads/{branch}", cwd=bare)
         return self.url(name)
 
 

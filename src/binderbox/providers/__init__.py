@@ -9,7 +9,8 @@ from binderbox.providers.base import Fetched, Source
 from binderbox.providers.git import GitSource
 from binderbox.providers.local import LocalSource
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^[\w.-]+@[\w.-]+:")
+# scheme://…, git's transport::address, and scp-like user@host:path.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)|^[\w.-]+@[\w.-]+:")
 
 __all__ = ["Fetched", "GitSource", "LocalSource", "Source", "source_for"]
 

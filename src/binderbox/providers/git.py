@@ -26,7 +26,7 @@ class GitSource:
     """A git URL plus ref; every user value is passed after ``--`` or validated first."""
 
     def __init__(self, url: str, ref: str = "HEAD") -> None:
-        if url.startswith("-") or url.lower().startswith("ext::"):
+        if url.startswith("-") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*::", url):
             raise UsageError(f"'{url}' is not a git URL binderbox will fetch.")
         if _BAD_REF.search(ref):
             raise UsageError(f"'{ref}' is not a valid git ref (branch, tag or commit).")
@@ -120,6 +120,6 @@ def _git(args: list[str], explain, timeout: float = 600) -> str:
     if result.returncode != 0:
         lines = [ln.strip() for ln in result.stderr.splitlines() if ln.strip()]
         detail = lines[-1] if lines else f"git exited with code {result.returncode}"
-        detail = detail.removeprefix("fatal: ")
+        detail = detail.removeprefix("fatal: ").rstrip(".") + "."
         raise SourceError(explain(detail))
     return result.stdout

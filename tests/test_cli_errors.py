@@ -270,7 +270,7 @@ def test_dockerfile_base_cannot_be_pulled(cli, repo, docker_client, mode):
     folder = repo({"Dockerfile": "FROM busybox:doesnotexist-binderbox\nRUN true\n"})
     _, message = cli.fails("build", *mode, str(folder))
     assert "could not be pulled" in message
-    assert "busybox" in message
+    assert "'busybox:doesnotexist-binderbox' named in Dockerfile" in message
     assert images_of(docker_client, folder) == []
 
 

@@ -388,8 +388,6 @@ def test_no_post_build_or_start(make_repo):
 UNSUPPORTED = [
     "environment.yml",
     "environment.yaml",
-    "Pipfile",
-    "Pipfile.lock",
     "install.R",
     "Project.toml",
     "JuliaProject.toml",

@@ -26,5 +26,9 @@ class BuildFailed(BinderboxError):
     """The image build ran and failed."""
 
 
+class BaseImageUnavailable(BuildFailed):
+    """A FROM image could not be pulled from its registry."""
+
+
 class UsageError(BinderboxError):
     """A command-line argument or option is invalid."""

@@ -7,8 +7,12 @@ The rules follow repo2docker's documented behaviour:
 * A ``Dockerfile`` is exclusive: it is built as written and nothing else is applied.
 * ``setup.py`` and ``pyproject.toml`` (with ``[project]`` and ``[build-system]``) count only
   at the repository root and only when there is no binder directory.
-* ``requirements.txt``, ``runtime.txt``, ``apt.txt``, ``postBuild`` and ``start`` are read
-  from the configuration directory.
+* Python packages come from the first of ``Pipfile.lock``, ``Pipfile``,
+  ``requirements.txt`` found in the configuration directory; the others are ignored, and
+  ``setup.py`` is then installed only by ``requirements.txt`` repositories or a Pipfile
+  that refers to the repository itself.
+* ``runtime.txt``, ``apt.txt``, ``postBuild`` and ``start`` are read from the
+  configuration directory; runtime.txt's Python wins over a Pipfile's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from binderbox.build import pipfile
 from binderbox.build.plan import AptPackage, BuildPlan, Requirements
 from binderbox.errors import ConfigError
 
@@ -27,8 +32,6 @@ BINDER_DIRS = ("binder", ".binder")
 NOT_YET_SUPPORTED = {
     "environment.yml": "conda environments (environment.yml)",
     "environment.yaml": "conda environments (environment.yaml)",
-    "Pipfile": "Pipenv (Pipfile)",
-    "Pipfile.lock": "Pipenv (Pipfile.lock)",
     "install.R": "R (install.R)",
     "Project.toml": "Julia (Project.toml)",
     "JuliaProject.toml": "Julia (JuliaProject.toml)",
@@ -80,9 +83,24 @@ def detect(repo: Path) -> BuildPlan:
         )
 
     warnings: list[str] = []
-    requirements = None
-    if present("requirements.txt"):
+    runtime_python = (
+        _read_runtime(conf / "runtime.txt", rel("runtime.txt")) if present("runtime.txt") else ""
+    )
+
+    # Which file lists the Python packages: the first one present wins.
+    requirements, env_python, install_project = None, "", ""
+    if present("Pipfile.lock") or present("Pipfile"):
+        name = "Pipfile.lock" if present("Pipfile.lock") else "Pipfile"
+        translate = pipfile.from_lock if name == "Pipfile.lock" else pipfile.from_pipfile
+        derived = translate(_read_text(conf / name, rel(name)), rel(name))
+        requirements = Requirements(rel(name), derived.local, derived.text)
+        env_python = derived.python_version
+        # setup.py is installed only when the Pipfile refers to it (path = ".").
+    elif present("requirements.txt"):
         requirements = _read_requirements(conf / "requirements.txt", rel("requirements.txt"))
+        install_project = "" if config_dir else _project_file(repo)
+    else:
+        install_project = "" if config_dir else _project_file(repo)
 
     start = rel("start") if present("start") else ""
     if start and 'exec "$@"' not in (repo / start).read_text(errors="replace"):
@@ -90,12 +108,10 @@ def detect(repo: Path) -> BuildPlan:
 
     return BuildPlan(
         config_dir=config_dir,
-        python_version=_read_runtime(conf / "runtime.txt", rel("runtime.txt"))
-        if present("runtime.txt")
-        else "",
+        python_version=runtime_python or env_python,
         apt_packages=_read_apt(conf / "apt.txt", rel("apt.txt")) if present("apt.txt") else (),
         requirements=requirements,
-        install_project="" if config_dir else _project_file(repo),
+        install_project=install_project,
         post_build=rel("postBuild") if present("postBuild") else "",
         start=start,
         warnings=tuple(warnings),

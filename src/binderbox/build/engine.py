@@ -21,7 +21,7 @@ import docker
 import docker.errors
 
 from binderbox.build.render import Step
-from binderbox.errors import BuildFailed, DockerUnavailable
+from binderbox.errors import BaseImageUnavailable, BuildFailed, DockerUnavailable
 
 LOG_TAIL_LINES = 25
 
@@ -53,8 +53,7 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
             r"(?:failed to resolve source metadata for|pull access denied for|"
             r"failed to do request: Head \"https?://)(?P<x>[^\s:\"]+)"
         ),
-        "the Dockerfile's base image could not be pulled ({x}); this machine has no "
-        "registry access for it",
+        "the base image could not be pulled ({x})",
     ),
 )
 
@@ -67,7 +66,7 @@ def docker_client() -> docker.DockerClient:
     except docker.errors.DockerException:
         raise DockerUnavailable(
             "Docker is not running or not reachable (is dockerd started, and may this user "
-            "use /var/run/docker.sock?)."
+            "use its socket?)."
         ) from None
     return client
 
@@ -234,7 +233,9 @@ class _BuildLog:
 
     def tail(self) -> str:
         vertex, _ = self.failed
-        lines = self.vertex_output(vertex) if vertex else list(self.lines)
+        lines = self.vertex_output(vertex) if vertex else []
+        if not lines:  # e.g. a pull that failed before any command ran
+            lines = [ln for ln in self.lines if ln.strip() and not ln.startswith("#")]
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
     def failure(self, steps: tuple[Step, ...]) -> BuildFailed:
@@ -253,9 +254,9 @@ class _BuildLog:
         where = f" while {step.description}" if step else ""
         if not step and instruction:
             where = f" at '{_short(instruction)}'"
-        return BuildFailed(
-            f"The build failed{where}: {cause or 'see the log'}.", log_tail=self.tail()
-        )
+        message = f"The build failed{where}: {cause or 'see the log'}."
+        kind = BaseImageUnavailable if "base image could not be pulled" in cause else BuildFailed
+        return kind(message, log_tail=self.tail())
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -15,7 +15,7 @@ from binderbox.build.engine import DockerEngine
 from binderbox.build.plan import BuildPlan
 from binderbox.build.render import REPO_IN_CONTEXT, SUPPORT_IN_CONTEXT, ImageOptions, render
 from binderbox.config import Settings
-from binderbox.errors import ConfigError, UsageError
+from binderbox.errors import BaseImageUnavailable, ConfigError, UsageError
 from binderbox.events import Emit, Event
 from binderbox.naming import image_name_for
 from binderbox.providers import Source
@@ -113,15 +113,24 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
 
         if plan.dockerfile:
             emit(Event("building", f"Building {image} from {plan.dockerfile} as written"))
-            engine.build(
-                repo,
-                repo / plan.dockerfile,
-                image,
-                labels=labels,
-                no_cache=request.no_cache,
-                timeout=settings.build_timeout,
-                on_line=log_line,
-            )
+            try:
+                engine.build(
+                    repo,
+                    repo / plan.dockerfile,
+                    image,
+                    labels=labels,
+                    no_cache=request.no_cache,
+                    timeout=settings.build_timeout,
+                    on_line=log_line,
+                )
+            except BaseImageUnavailable as err:
+                names = from_images((repo / plan.dockerfile).read_text(errors="replace"))
+                raise BaseImageUnavailable(
+                    f"The build failed: the base image {' or '.join(map(repr, names))} named in "
+                    f"{plan.dockerfile} could not be pulled; is its registry reachable from "
+                    "this machine?",
+                    log_tail=err.log_tail,
+                ) from None
         else:
             base_image, foreign = _base_for(plan, settings, engine, emit)
             options = ImageOptions(
@@ -217,6 +226,21 @@ def _base_for(
     if warning:
         emit(Event("building", f"Warning: {warning}"))
     return ensure_base(suite, settings, engine, emit), False
+
+
+def from_images(dockerfile: str) -> list[str]:
+    """The images a Dockerfile's FROM lines name (build stages excluded)."""
+    images: list[str] = []
+    stages: set[str] = set()
+    for line in dockerfile.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].upper() == "FROM":
+            rest = [w for w in words[1:] if not w.startswith("--")]
+            if rest and rest[0].lower() not in stages:
+                images.append(rest[0])
+            if len(rest) >= 3 and rest[1].upper() == "AS":
+                stages.add(rest[2].lower())
+    return images
 
 
 def _reusable(engine: DockerEngine, image: str, request: BuildRequest, commit: str) -> bool:

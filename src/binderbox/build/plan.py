@@ -26,6 +26,9 @@ class Requirements:
 
     path: str  # relative to the repository root
     local: bool
+    # Requirement lines binderbox derived from ``path`` when it is not a requirements file
+    # (Pipfile, Pipfile.lock); "" means install ``path`` as written.
+    derived: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ fi
 exec "$@"
 """
 
+# Requirement lines binderbox derived from a Pipfile or environment.yml, in the context.
+DERIVED_REQUIREMENTS = "derived-requirements.txt"
+
 DEFAULT_COMMAND = ("jupyter", "lab", "--ip=0.0.0.0", "--port=8888")
 
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -185,12 +188,16 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         w.add(f"USER {uid}")
 
     reqs = plan.requirements
+    deps = "/tmp/binderbox-deps/requirements.txt"
+    if reqs and reqs.derived:
+        # Derived from a Pipfile or environment.yml: a support file, not a repository file.
+        support[DERIVED_REQUIREMENTS] = reqs.derived
+        requirements_source = f"{SUPPORT_IN_CONTEXT}/{DERIVED_REQUIREMENTS}"
+    elif reqs:
+        requirements_source = f"{REPO_IN_CONTEXT}/{reqs.path}"
     if reqs and not reqs.local:
         # Only the requirements file first: editing anything else keeps this layer.
-        w.add(
-            f"COPY --chown={owner} {REPO_IN_CONTEXT}/{reqs.path}"
-            " /tmp/binderbox-deps/requirements.txt"
-        )
+        w.add(f"COPY --chown={owner} {requirements_source} {deps}")
         w.run(
             f"installing {reqs.path}",
             f"uv pip install --python {stack.VENV}/bin/python"
@@ -201,9 +208,13 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     w.add(f"COPY --chown={owner} {REPO_IN_CONTEXT}/ {repo_dir}/")
     w.add(f"WORKDIR {repo_dir}")
     if reqs and reqs.local:
+        # Relative paths in it are relative to the repository, as pip reads them from there.
+        if reqs.derived:
+            w.add(f"COPY --chown={owner} {requirements_source} {deps}")
         w.run(
             f"installing {reqs.path}",
-            f"uv pip install --python {stack.VENV}/bin/python -r {shlex.quote(reqs.path)}",
+            f"uv pip install --python {stack.VENV}/bin/python"
+            f" -r {deps if reqs.derived else shlex.quote(reqs.path)}",
             mounts=uv_cache,
         )
     if plan.install_project:

@@ -131,7 +131,9 @@ def test_dockerfile_is_exclusive(make_repo, build, base_image):
     result = build(str(repo))
     assert result.code == 0, result.stderr
     assert sh(result.image, "cat /marker") == "from-dockerfile"
-    assert run_in_image(result.image, "test", "-e", "/srv/venv").returncode != 0
+    # Nothing of binderbox's own recipe was applied: no entrypoint, no postBuild.
+    for path in ("/usr/local/bin/binderbox-entrypoint", "/tmp/should-not-run"):
+        assert run_in_image(result.image, "test", "-e", path).returncode != 0
     labels = docker.from_env().images.get(result.image).labels
     assert labels["binderbox.repo"] == str(repo)
 

@@ -270,10 +270,10 @@ def test_no_runtime_txt_means_base_python(make_repo):
     assert detect(make_repo({"requirements.txt": "numpy\n"})).python_version == ""
 
 
-def test_runtime_txt_r_is_config_error(make_repo):
-    message = config_error(make_repo({"runtime.txt": "r-4.2-2023-01-01\n"}))
+def test_runtime_txt_malformed_r_is_config_error(make_repo):
+    message = config_error(make_repo({"runtime.txt": "r-latest\n"}))
     assert "runtime.txt" in message
-    assert "r-4.2-2023-01-01" in message
+    assert "r-latest" in message
 
 
 @pytest.mark.parametrize("text", ["garbage", "3.11", "python3.11", "python-three", "java-11"])
@@ -386,9 +386,6 @@ def test_no_post_build_or_start(make_repo):
 # --- ecosystems binderbox does not support yet ----------------------------------------------
 
 UNSUPPORTED = [
-    "environment.yml",
-    "environment.yaml",
-    "install.R",
     "Project.toml",
     "JuliaProject.toml",
     "REQUIRE",
@@ -413,13 +410,14 @@ def test_unsupported_ecosystem_at_root_ignored_with_binder_dir(make_repo):
     assert detect(repo).requirements == Requirements(path="binder/requirements.txt", local=False)
 
 
-def test_description_at_root_without_binder_dir_is_config_error(make_repo):
-    assert config_error(make_repo({"DESCRIPTION": "Package: demo\n"})).startswith("DESCRIPTION:")
+def test_description_at_root_without_binder_dir_is_an_r_package(make_repo):
+    assert detect(make_repo({"DESCRIPTION": "Package: demo\n"})).r.package == "demo"
 
 
 @pytest.mark.parametrize("files", [{"binder/DESCRIPTION": ""}, {"DESCRIPTION": "", "binder/x": ""}])
 def test_description_counts_only_at_root_without_binder_dir(make_repo, files):
-    assert detect(make_repo(files)).config_dir == "binder"
+    plan = detect(make_repo(files))
+    assert (plan.config_dir, plan.r) == ("binder", None)
 
 
 # --- the folder itself -----------------------------------------------------------------------

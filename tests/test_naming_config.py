@@ -236,5 +236,20 @@ def test_unshipped_python_with_fallback_fail_is_config_error():
     assert "runtime.txt" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("requires", "suite"),
+    [(">=3.10", "bookworm"), (">=3.12", "trixie"), ("<3.12", "bookworm"), ("~=3.13.0", "trixie")],
+)
+def test_python_range_picks_the_default_suite_or_the_newest_that_fits(requires, suite):
+    assert choose_suite("", Settings(ca_bundle=""), requires) == (suite, "")
+
+
+def test_python_range_nothing_fits():
+    suite, warning = choose_suite("", Settings(ca_bundle=""), ">=3.14")
+    assert suite == "bookworm" and ">=3.14" in warning
+    with pytest.raises(ConfigError, match=r">=3\.14"):
+        choose_suite("", Settings(ca_bundle="", python_fallback="fail"), ">=3.14")
+
+
 def test_shipped_python_with_fallback_fail_is_fine():
     assert choose_suite("3.13", Settings(ca_bundle="", python_fallback="fail")) == ("trixie", "")

@@ -128,6 +128,24 @@ def test_setup_py_is_installed_only_when_the_pipfile_refers_to_it(make_repo):
     assert "-e ." in referring.requirements.derived
 
 
+def test_pyproject_requires_python_is_a_range(make_repo):
+    pyproject = (
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "x"\nversion = "1"\nrequires-python = ">=3.12"\n'
+    )
+    plan = detect(make_repo({"pyproject.toml": pyproject}))
+    assert (plan.python_version, plan.python_requires) == ("", ">=3.12")
+    pinned = detect(make_repo({"pyproject.toml": pyproject, "runtime.txt": "python-3.11"}))
+    assert (pinned.python_version, pinned.python_requires) == ("3.11", "")
+    bad = pyproject.replace(">=3.12", "three")
+    with pytest.raises(ConfigError, match="requires-python"):
+        detect(make_repo({"pyproject.toml": bad}))
+
+
+def test_empty_pipfile_installs_nothing(make_repo):
+    assert detect(make_repo({"Pipfile": "[packages]\n"})).requirements is None
+
+
 def test_runtime_txt_wins_over_the_pipfile_python(make_repo):
     plan = detect(make_repo({"Pipfile": PIPFILE, "runtime.txt": "python-3.11\n"}))
     assert plan.python_version == "3.11"

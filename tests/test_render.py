@@ -47,10 +47,16 @@ def server_stack_line(text: str) -> str:
 # --- cache-first order ----------------------------------------------------------------------
 
 
+def test_binderbox_bases_already_hold_the_server_stack_and_user():
+    text = dockerfile()
+    assert "jupyterlab==" not in text
+    assert "useradd" not in text
+
+
 def test_layers_are_ordered_cache_first():
-    lines = lines_of(dockerfile())
+    lines = lines_of(dockerfile(foreign_base=True))
     server = index(lines, "jupyterlab==")
-    apt = index(lines, "apt-get install")
+    apt = index(lines, "apt-get install -y --no-install-recommends curl")
     deps_copy = index(lines, "repo/binder/requirements.txt /tmp/binderbox-deps/")
     deps_install = index(lines, "-r /tmp/binderbox-deps/requirements.txt")
     full_copy = index(lines, "COPY --chown=1000:1000 repo/ ")
@@ -94,7 +100,7 @@ def test_server_stack_line_is_byte_identical_for_different_plans():
         requirements=Requirements("requirements.txt", local=True),
         install_project="setup.py",
     )
-    first, second = dockerfile(FULL_PLAN), dockerfile(other)
+    first, second = dockerfile(FULL_PLAN, foreign_base=True), dockerfile(other, foreign_base=True)
     assert first != second
     assert server_stack_line(first) == server_stack_line(second)
     # Everything up to that line is shared too, so the layer is reused.
@@ -103,7 +109,7 @@ def test_server_stack_line_is_byte_identical_for_different_plans():
 
 
 def test_server_stack_line_installs_the_pinned_stack():
-    line = server_stack_line(dockerfile())
+    line = server_stack_line(dockerfile(foreign_base=True))
     assert line.startswith("RUN --mount=type=cache,")
     assert all(pin in line for pin in stack.SERVER_STACK)
 
@@ -147,7 +153,9 @@ def test_user_options_appear_in_useradd_env_and_workdir():
         "useradd --non-unique --uid 1234 --gid 1234 --create-home --shell /bin/bash alice"
         in useradd
     )
-    assert "install -d -o 1234 -g 1234 /srv/venv /srv/repo" in useradd
+    assert "install -d -o 1234 -g 1234 /home/alice /srv/repo" in useradd
+    # The base's Python belongs to uid 1000; this user must own it.
+    assert "chown -R 1234:1234 /srv/venv" in useradd
     env = lines[index(lines, "ENV NB_USER=")]
     assert "NB_USER=alice NB_UID=1234 USER=alice HOME=/home/alice REPO_DIR=/srv/repo" in env
     assert "WORKDIR /srv/repo" in lines
@@ -278,8 +286,10 @@ def test_ca_bundle_is_copied_and_trusted_before_any_download():
     copy = index(
         lines, "COPY binderbox/extra-ca.crt /usr/local/share/ca-certificates/binderbox-extra.crt"
     )
-    trust = index(lines, "update-ca-certificates")
-    assert copy < trust < index(lines, "jupyterlab==")
+    trust = index(lines, "cat /usr/local/share/ca-certificates/binderbox-extra.crt >>")
+    assert copy < trust
+    foreign = lines_of(dockerfile(with_ca_bundle=True, foreign_base=True))
+    assert index(foreign, "binderbox-extra.crt >>") < index(foreign, "jupyterlab==")
     assert "extra-ca.crt" not in dockerfile()
 
 

@@ -87,6 +87,10 @@ def build_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--base-image", default=None, help="Use this Debian/Ubuntu image as base."),
         click.option("--json-logs", is_flag=True, help="One JSON object per line."),
         click.option("--no-cache", is_flag=True, help="Rebuild every layer."),
+        click.option("--label", "labels", multiple=True, help="KEY=VALUE label on the image."),
+        click.option(
+            "--build-arg", "build_args", multiple=True, help="KEY=VALUE for a Dockerfile's ARG."
+        ),
         click.option("--config", "config_file", default=None, help="Settings TOML file."),
     ]
     for decorator in reversed(decorators):
@@ -98,8 +102,20 @@ def _settings(config_file: str | None, **overrides: Any) -> Settings:
     return load_settings(config_file).with_overrides(**overrides)
 
 
-def _request(repo: str, ref: str, **kw: Any) -> BuildRequest:
-    return BuildRequest(source=source_for(repo, ref), **kw)
+def _request(repo: str, ref: str, settings: Settings, **kw: Any) -> BuildRequest:
+    kw["labels"] = _pairs("--label", kw.get("labels", ()))
+    kw["build_args"] = _pairs("--build-arg", kw.get("build_args", ()))
+    return BuildRequest(source=source_for(repo, ref, settings), **kw)
+
+
+def _pairs(flag: str, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key or any(c.isspace() for c in key) or "\n" in val:
+            raise UsageError(f"{flag} {value!r} is not KEY=VALUE.")
+        pairs.append((key, val))
+    return tuple(pairs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,7 +168,7 @@ def build(
     no_build: bool,
     **options: Any,
 ) -> None:
-    """Build an image from REPO (a folder or a git URL)."""
+    """Build an image from REPO (a folder, a git URL, a DOI or a data record's address)."""
     out = Output(json_logs=json_logs)
 
     def action() -> None:
@@ -160,7 +176,7 @@ def build(
         if no_build:
             _print_dockerfile(repo, ref, settings, options)
             return
-        result = build_repository(_request(repo, ref, **options), settings, out)
+        result = build_repository(_request(repo, ref, settings, **options), settings, out)
         if not json_logs:
             click.echo(result.image)
 
@@ -168,7 +184,7 @@ def build(
 
 
 def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str, Any]) -> None:
-    source = source_for(repo, ref)
+    source = source_for(repo, ref, settings)
     if not isinstance(source, LocalSource):
         raise BinderboxError("--no-build works on a local folder; clone the repository first.")
     subdir = checked_subdir(options["subdir"])
@@ -190,6 +206,7 @@ def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str
             target_repo_dir=options["target_repo_dir"],
             appendix=options["appendix"],
             with_ca_bundle=bool(settings.ca_bundle),
+            cran_mirror=settings.cran_mirror,
         ),
     )
     click.echo(recipe.dockerfile, nl=False)
@@ -228,7 +245,7 @@ def run(
             volumes=parse_volumes(volumes),
             command=command,
         )
-        request = _request(repo, ref, **options)
+        request = _request(repo, ref, settings, **options)
         if editable and not isinstance(request.source, LocalSource):
             raise BinderboxError("--editable needs a local folder, not a URL.")
         client = docker_client()

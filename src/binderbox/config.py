@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tomllib
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from binderbox.build import r_support
 from binderbox.errors import UsageError
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -28,6 +30,11 @@ def _default_docker_cli() -> str:
 
 def _default_ca_bundle() -> str:
     return str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.exists() else ""
+
+
+def _default_state_dir() -> str:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(data_home) / "binderbox")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,67 @@ class Settings:
     build_timeout: int = 3600
     # What to do when runtime.txt asks for a Python no base ships: "nearest" or "fail".
     python_fallback: str = "nearest"
+    # What to do when runtime.txt asks for an R no Debian suite ships: "nearest" or "fail".
+    r_version_fallback: str = "nearest"
+    # CRAN mirror of R images (install.R, DESCRIPTION, install.packages() at runtime); empty
+    # means the snapshot of runtime.txt's date on Posit Package Manager, else cloud.r-project.org.
+    cran_mirror: str = ""
+
+    # Content providers (DOIs and research-data records). Lists are base URLs separated by
+    # commas or spaces. The DOI resolver that turns a DOI into the record's landing page.
+    doi_resolver: str = "https://doi.org"
+    # Zenodo (sandbox.zenodo.org is known too), plus other InvenioRDM sites to treat alike.
+    zenodo_url: str = "https://zenodo.org"
+    zenodo_hosts: str = ""
+    # Figshare's site (any *.figshare.com portal is known too), its API, and other portals.
+    figshare_url: str = "https://figshare.com"
+    figshare_api_url: str = "https://api.figshare.com/v2"
+    figshare_hosts: str = ""
+    # Dataverse installations besides the well-known ones binderbox lists.
+    dataverse_hosts: str = ""
+    # HydroShare.
+    hydroshare_url: str = "https://www.hydroshare.org"
+    # CKAN sites used without asking them first (other hosts must answer status_show).
+    ckan_hosts: str = ""
+    # Limits on one record's content, counted while downloading and again while unpacking.
+    content_max_bytes: int = 2_000_000_000
+    content_max_files: int = 20_000
+    # --- the service (`binderbox serve`) ---
+    # Where the web service listens.
+    service_host: str = "127.0.0.1"
+    service_port: int = 8585
+    # Builds that may run at once; more wait in the queue with their position shown.
+    build_concurrency: int = 2
+    # Hosts (comma-separated, "host" or "host:port") that may be fetched from although
+    # they are on a local or private network.
+    allowed_hosts: str = ""
+    # Whether /build accepts ?build_only=true (build, launch nothing).
+    build_only_enabled: bool = False
+    # Access-Control-Allow-Origin for the API and event stream ("" = no CORS header).
+    cors_allow_origin: str = ""
+    # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---
+    # Where the hub keeps its config, database, log and lock; the proxy's npm packages go
+    # in <state_dir>/node.
+    state_dir: str = dataclasses.field(default_factory=_default_state_dir)
+    # The proxy's public port (sessions are at /user/<name>/), the hub's API port and the
+    # proxy's API port.
+    sessions_port: int = 8000
+    hub_port: int = 8081
+    proxy_api_port: int = 8001
+    # The configurable-http-proxy executable; empty: <state_dir>/node, then PATH.
+    proxy_command: str = ""
+    # Resources of each session container (bytes with K, M, G or T; CPUs; processes).
+    session_mem_guarantee: str = "1G"
+    session_mem_limit: str = "2G"
+    session_cpu_limit: float = 1.0
+    session_pids_limit: int = 1024
+    # Seconds a session may take from the spawn request until Jupyter answers.
+    session_start_timeout: int = 120
+    # Culling: seconds without traffic (0 never culls), maximum age in seconds (0: none),
+    # and how often to check. Culled sessions' users are deleted too.
+    cull_idle_timeout: int = 600
+    cull_max_age: int = 21600
+    cull_every: int = 60
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with the given non-None values replaced."""
@@ -73,14 +141,68 @@ def _convert(name: str, kind: type, raw: Any) -> Any:
         raise UsageError(f"Setting '{name}' must be a {kind.__name__}, not {raw!r}.") from None
 
 
+_URL_SETTINGS = (
+    "doi_resolver",
+    "zenodo_url",
+    "zenodo_hosts",
+    "figshare_url",
+    "figshare_api_url",
+    "figshare_hosts",
+    "dataverse_hosts",
+    "hydroshare_url",
+    "ckan_hosts",
+)
+
+
 def _validated(settings: Settings) -> Settings:
     if settings.python_fallback not in {"nearest", "fail"}:
         raise UsageError("Setting 'python_fallback' must be 'nearest' or 'fail'.")
+    if settings.r_version_fallback not in {"nearest", "fail"}:
+        raise UsageError("Setting 'r_version_fallback' must be 'nearest' or 'fail'.")
+    if settings.cran_mirror and not r_support.check_mirror(settings.cran_mirror):
+        raise UsageError(
+            f"Setting 'cran_mirror' must be an http(s) URL without quotes, backslashes or "
+            f"spaces, not {settings.cran_mirror!r}."
+        )
     if settings.build_timeout <= 0:
         raise UsageError("Setting 'build_timeout' must be a positive number of seconds.")
+    for name in ("content_max_bytes", "content_max_files"):
+        if getattr(settings, name) <= 0:
+            raise UsageError(f"Setting '{name}' must be a positive number.")
+    for name in _URL_SETTINGS:
+        for url in getattr(settings, name).replace(",", " ").split():
+            if not url.startswith(("https://", "http://")):
+                raise UsageError(f"Setting '{name}' must hold http(s) URLs, not {url!r}.")
     if settings.ca_bundle and not Path(settings.ca_bundle).is_file():
         raise UsageError(f"The CA bundle '{settings.ca_bundle}' does not exist.")
+    _validate_sessions(settings)
     return settings
+
+
+_BYTES = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGT]?)")
+
+
+def _validate_sessions(settings: Settings) -> None:
+    for name in ("sessions_port", "hub_port", "proxy_api_port"):
+        if not 0 < getattr(settings, name) < 65536:
+            raise UsageError(f"Setting '{name}' must be a port number (1 to 65535).")
+    ports = {settings.sessions_port, settings.hub_port, settings.proxy_api_port}
+    if len(ports) != 3:
+        raise UsageError("Settings 'sessions_port', 'hub_port' and 'proxy_api_port' must differ.")
+    amounts = {}
+    for name in ("session_mem_guarantee", "session_mem_limit"):
+        match = _BYTES.fullmatch(getattr(settings, name))
+        if not match:
+            raise UsageError(f"Setting '{name}' must be a size such as 512M or 2G.")
+        amounts[name] = float(match[1]) * 1024 ** "_KMGT".index(match[2] or "_")
+    if amounts["session_mem_guarantee"] > amounts["session_mem_limit"]:
+        raise UsageError("Setting 'session_mem_guarantee' must not exceed 'session_mem_limit'.")
+    for name in ("session_cpu_limit", "session_pids_limit", "session_start_timeout", "cull_every"):
+        if getattr(settings, name) <= 0:
+            raise UsageError(f"Setting '{name}' must be a positive number.")
+    for name in ("cull_idle_timeout", "cull_max_age"):
+        if getattr(settings, name) < 0:
+            raise UsageError(f"Setting '{name}' must be 0 (off) or a number of seconds.")
 
 
 def load_settings(
@@ -111,8 +233,10 @@ def load_settings(
                 raise UsageError(f"The settings file '{path}' has an unknown setting '{key}'.")
             kind = hints[name]
             # TOML is typed: take a value only when it already has the right type.
-            if type(raw) is not kind and not (
-                kind is int and type(raw) is float and raw.is_integer()
+            if (
+                type(raw) is not kind
+                and not (kind is int and type(raw) is float and raw.is_integer())
+                and not (kind is float and type(raw) is int)
             ):
                 raise UsageError(
                     f"The settings file '{path}': '{key}' must be a {kind.__name__}, not {raw!r}."

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from binderbox.build import stack
 from binderbox.build.engine import DockerEngine
-from binderbox.build.render import uv_install_command
+from binderbox.build.render import server_stack_command, uv_install_command
 from binderbox.errors import BuildFailed, UsageError
 
 BASE_REPOSITORY = "binderbox/base"
@@ -25,6 +25,8 @@ RECIPE_LABEL = "binderbox.base-recipe"
 
 # Suites binderbox can bootstrap, and the Python each ships.
 SUITE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
+# The R each suite ships as r-base-core (Debian has one R version per suite).
+SUITE_R = {"bookworm": "4.2.2", "trixie": "4.5.0"}
 
 BASE_PACKAGES = (
     "python3",
@@ -45,12 +47,30 @@ _IMPORT_CHANGES = [
 
 
 def _finishing_dockerfile(rootfs_tag: str) -> str:
-    # The CA bundle is bind-mounted for pip and never copied into the base.
-    install = uv_install_command("/tmp/binderbox-ca.crt")
+    """uv, the default user and the Jupyter server stack on top of the Debian root fs.
+
+    The stack lives in the base so that every repository's build starts from it: it is
+    the biggest part of any image and identical for all of them.
+    """
+    # The CA bundle is bind-mounted for pip and uv and never copied into the base.
+    ca = "/tmp/binderbox-ca.crt"
+    ca_mount = f"--mount=type=bind,source=ca.crt,target={ca}"
+    uid, name = stack.BASE_USER_ID, stack.BASE_USER_NAME
+    uv_cache = (
+        f"--mount=type=cache,id=binderbox-uv-{uid},target={stack.UV_CACHE},uid={uid},gid={uid}"
+    )
     return (
         f"FROM {rootfs_tag}\n"
-        f"RUN --mount=type=bind,source=ca.crt,target=/tmp/binderbox-ca.crt {install}"
+        f"RUN {ca_mount} {uv_install_command(ca)}"
         f" && ln -s {stack.UV_HOME}/bin/uv /usr/local/bin/uv\n"
+        f"RUN groupadd --gid {uid} {name}"
+        f" && useradd --uid {uid} --gid {uid} --create-home --shell /bin/bash {name}"
+        f" && install -d -o {uid} -g {uid} {stack.VENV}\n"
+        f"USER {uid}\n"
+        f"ENV SSL_CERT_FILE={ca} UV_CACHE_DIR={stack.UV_CACHE} UV_LINK_MODE=copy"
+        " UV_COMPILE_BYTECODE=1 UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1\n"
+        f"RUN {ca_mount} {uv_cache} {server_stack_command()}\n"
+        "USER root\n"
     )
 
 

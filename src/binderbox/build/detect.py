@@ -7,22 +7,31 @@ The rules follow repo2docker's documented behaviour:
 * A ``Dockerfile`` is exclusive: it is built as written and nothing else is applied.
 * ``setup.py`` and ``pyproject.toml`` (with ``[project]`` and ``[build-system]``) count only
   at the repository root and only when there is no binder directory.
-* Python packages come from the first of ``Pipfile.lock``, ``Pipfile``,
-  ``requirements.txt`` found in the configuration directory; the others are ignored, and
-  ``setup.py`` is then installed only by ``requirements.txt`` repositories or a Pipfile
-  that refers to the repository itself.
+* Python packages come from the first of ``environment.yml`` (or ``.yaml``),
+  ``Pipfile.lock``, ``Pipfile``, ``requirements.txt`` found in the configuration
+  directory; the others are ignored, and ``setup.py`` is then installed only by
+  ``requirements.txt`` repositories, or an environment.yml or Pipfile that refers to the
+  repository itself.
 * ``runtime.txt``, ``apt.txt``, ``postBuild`` and ``start`` are read from the
-  configuration directory; runtime.txt's Python wins over a Pipfile's.
+  configuration directory; runtime.txt's Python wins over an environment.yml's or a
+  Pipfile's; an environment.yml's Debian packages follow apt.txt's.
+* R is used when runtime.txt starts with ``r-``, when there is an ``install.R`` in the
+  configuration directory, or a ``DESCRIPTION`` at the root without a binder directory
+  (the repository is then installed as an R package).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
-from binderbox.build import pipfile
-from binderbox.build.plan import AptPackage, BuildPlan, Requirements
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from binderbox.build import conda, pipfile, r_support
+from binderbox.build.plan import AptPackage, BuildPlan, Requirements, RSetup
+from binderbox.build.requirement_lines import refers_to_repository
 from binderbox.errors import ConfigError
 
 BINDER_DIRS = ("binder", ".binder")
@@ -30,26 +39,17 @@ BINDER_DIRS = ("binder", ".binder")
 # Files of ecosystems binderbox cannot build yet. A silent fallback to a plain Python
 # environment would give users a wrong environment, so each of these stops the build.
 NOT_YET_SUPPORTED = {
-    "environment.yml": "conda environments (environment.yml)",
-    "environment.yaml": "conda environments (environment.yaml)",
-    "install.R": "R (install.R)",
     "Project.toml": "Julia (Project.toml)",
     "JuliaProject.toml": "Julia (JuliaProject.toml)",
     "REQUIRE": "legacy Julia (REQUIRE)",
     "default.nix": "Nix (default.nix)",
 }
 # These are only looked for at the root, and only without a binder directory.
-ROOT_ONLY_NOT_YET_SUPPORTED = {"DESCRIPTION": "R packages (DESCRIPTION)"}
+ROOT_ONLY_NOT_YET_SUPPORTED: dict[str, str] = {}
 
 # A Debian package name (policy 5.6.1), optionally "=version" (policy 5.6.12).
 _APT_LINE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]+)(?:=(?P<version>[A-Za-z0-9.+~:-]+))?$")
 _RUNTIME_PYTHON = re.compile(r"python-(?P<major>\d+)(?:\.(?P<minor>\d+)(?:\.\d+)?)?")
-# Requirement lines that name files in the repository.
-_LOCAL_REQUIREMENT = re.compile(
-    r"^(-e|--editable|-r|--requirement|-c|--constraint)(\s|=|$)|^(\.|/|~|file:)|@\s*file:"
-)
-# --find-links with a folder rather than a URL also needs the repository's files.
-_LOCAL_FIND_LINKS = re.compile(r"^(-f|--find-links)(\s+|=)(?![A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def detect(repo: Path) -> BuildPlan:
@@ -88,12 +88,35 @@ def detect(repo: Path) -> BuildPlan:
     )
 
     # Which file lists the Python packages: the first one present wins.
-    requirements, env_python, install_project = None, "", ""
-    if present("Pipfile.lock") or present("Pipfile"):
+    requirements, env_python, install_project, python_requires = None, "", "", ""
+    env_apt: tuple[str, ...] = ()
+    environment = [name for name in ("environment.yml", "environment.yaml") if present(name)]
+    if len(environment) > 1:
+        raise ConfigError(
+            f"{rel('environment.yml')} and {rel('environment.yaml')} both exist; keep only one."
+        )
+    if environment:
+        name = rel(environment[0])
+        translated = conda.translate(_read_text(conf / environment[0], name), name)
+        if translated.unsupported:
+            raise ConfigError(
+                f"{name}: binderbox cannot provide these conda packages without conda: "
+                f"{', '.join(translated.unsupported)} (remove them, or build with a Dockerfile)."
+            )
+        if translated.requirements:
+            requirements = Requirements(
+                name, translated.local, translated.requirements, from_its_folder=True
+            )
+        env_python, env_apt = translated.python_version, translated.apt_packages
+        python_requires = translated.python_requires
+        warnings += translated.notes
+        # setup.py is installed only when the pip section refers to it (-e .).
+    elif present("Pipfile.lock") or present("Pipfile"):
         name = "Pipfile.lock" if present("Pipfile.lock") else "Pipfile"
         translate = pipfile.from_lock if name == "Pipfile.lock" else pipfile.from_pipfile
         derived = translate(_read_text(conf / name, rel(name)), rel(name))
-        requirements = Requirements(rel(name), derived.local, derived.text)
+        if derived.text:
+            requirements = Requirements(rel(name), derived.local, derived.text)
         env_python = derived.python_version
         # setup.py is installed only when the Pipfile refers to it (path = ".").
     elif present("requirements.txt"):
@@ -101,6 +124,18 @@ def detect(repo: Path) -> BuildPlan:
         install_project = "" if config_dir else _project_file(repo)
     else:
         install_project = "" if config_dir else _project_file(repo)
+    if install_project == "pyproject.toml":
+        python_requires = _requires_python(repo / "pyproject.toml")
+
+    apt_packages = _read_apt(conf / "apt.txt", rel("apt.txt")) if present("apt.txt") else ()
+    named = {package.name for package in apt_packages}  # apt.txt first, then environment.yml
+    apt_packages += tuple(AptPackage(name) for name in env_apt if name not in named)
+    r_setup = _r_setup(repo, conf, config_dir, rel, apt_packages)
+    if r_setup and r_setup.snapshot and r_setup.snapshot < r_support.EARLIEST_SNAPSHOT:
+        warnings.append(
+            f"{rel('runtime.txt')} asks for CRAN as of {r_setup.snapshot}; dated snapshots start "
+            f"on {r_support.EARLIEST_SNAPSHOT}, which is used (unless cran_mirror is set)."
+        )
 
     start = rel("start") if present("start") else ""
     if start and 'exec "$@"' not in (repo / start).read_text(errors="replace"):
@@ -109,9 +144,11 @@ def detect(repo: Path) -> BuildPlan:
     return BuildPlan(
         config_dir=config_dir,
         python_version=runtime_python or env_python,
-        apt_packages=_read_apt(conf / "apt.txt", rel("apt.txt")) if present("apt.txt") else (),
+        python_requires="" if runtime_python or env_python else python_requires,
+        apt_packages=apt_packages,
         requirements=requirements,
         install_project=install_project,
+        r=r_setup,
         post_build=rel("postBuild") if present("postBuild") else "",
         start=start,
         warnings=tuple(warnings),
@@ -164,19 +201,61 @@ def _read_runtime(path: Path, rel: str) -> str:
     if match:
         return f"{match['major']}.{match['minor']}"
     if lines[0].startswith("r-"):
-        raise ConfigError(f"{rel}: R environments ({lines[0]}) are not supported by binderbox yet.")
+        return ""  # R (see _r_setup), with the base image's Python
     raise ConfigError(
         f"{rel}: {lines[0]!r} is not understood; write python-X.Y, for example python-3.11."
     )
+
+
+def _r_setup(
+    repo: Path, conf: Path, config_dir: str, rel: Callable[[str], str], apt: tuple[AptPackage, ...]
+) -> RSetup | None:
+    """R's part of the plan, or None when the repository does not use R."""
+    version, snapshot = "", ""
+    if (conf / "runtime.txt").is_file():
+        text = _read_text(conf / "runtime.txt", rel("runtime.txt"))
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        first = lines[0] if lines else ""
+        if first.startswith("r-"):
+            version, snapshot = r_support.parse_runtime(first, rel("runtime.txt"))
+    install_script = rel("install.R") if (conf / "install.R").is_file() else ""
+    description = not config_dir and (repo / "DESCRIPTION").is_file()
+    if not (version or snapshot or install_script or description):
+        return None
+    compilers = bool(install_script) and r_support.install_script_compiles(
+        _read_text(conf / "install.R", install_script)
+    )
+    package = ""
+    if description:
+        package, needs = r_support.read_description(
+            _read_text(repo / "DESCRIPTION", "DESCRIPTION"), "DESCRIPTION"
+        )
+        compilers = compilers or (repo / "src").is_dir() or not r_support.from_debian(needs, apt)
+    return RSetup(version, snapshot, install_script, package, compilers)
 
 
 def _read_requirements(path: Path, rel: str) -> Requirements:
     local = False
     for raw in _read_text(path, rel).splitlines():
         line = raw.split(" #", 1)[0].strip()
-        if line and (_LOCAL_REQUIREMENT.search(line) or _LOCAL_FIND_LINKS.search(line)):
+        if line and refers_to_repository(line):
             local = True
     return Requirements(path=rel, local=local)
+
+
+def _requires_python(pyproject: Path) -> str:
+    """``[project] requires-python`` of an installable pyproject.toml, checked."""
+    data = tomllib.loads(_read_text(pyproject, "pyproject.toml"))
+    spec = data.get("project", {}).get("requires-python", "")
+    if not isinstance(spec, str):
+        raise ConfigError("pyproject.toml: requires-python must be a string such as '>=3.10'.")
+    try:
+        SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise ConfigError(
+            f"pyproject.toml: requires-python {spec!r} is not a version specifier."
+        ) from None
+    return spec.strip()
 
 
 def _project_file(repo: Path) -> str:

@@ -49,6 +49,11 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
         "apt.txt: version '{v}' of '{x}' was not found in the Debian archive",
     ),
     (
+        # binderbox's R runner: an R package that could not be installed (r_support.py).
+        re.compile(r"binderbox: (?P<x>\S*(?:install\.R|DESCRIPTION): [^\n]+)"),
+        "{x}",
+    ),
+    (
         re.compile(
             r"(?:failed to resolve source metadata for|pull access denied for|"
             r"failed to do request: Head \"https?://)(?P<x>[^\s:\"]+)"
@@ -110,6 +115,7 @@ class DockerEngine:
         tag: str,
         *,
         labels: dict[str, str] | None = None,
+        build_args: dict[str, str] | None = None,
         no_cache: bool = False,
         timeout: float = 3600,
         steps: Iterable[Step] = (),
@@ -122,6 +128,8 @@ class DockerEngine:
         command = [self.docker_cli, "build", "--progress=plain", "-f", str(dockerfile), "-t", tag]
         for key, value in (labels or {}).items():
             command += ["--label", f"{key}={value}"]
+        for key, value in (build_args or {}).items():
+            command += ["--build-arg", f"{key}={value}"]
         if no_cache:
             command.append("--no-cache")
         command.append(str(context))

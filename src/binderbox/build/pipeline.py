@@ -8,6 +8,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 from binderbox import __version__
 from binderbox.build import base
 from binderbox.build.detect import detect
@@ -33,6 +36,9 @@ class BuildRequest:
     target_repo_dir: str = ""
     appendix: str = ""
     no_cache: bool = False
+    # (KEY, VALUE) pairs: extra image labels, and build arguments for a Dockerfile.
+    labels: tuple[tuple[str, str], ...] = ()
+    build_args: tuple[tuple[str, str], ...] = ()
 
     def non_default_options(self, settings: Settings) -> dict[str, object]:
         defaults = BuildRequest(source=self.source)
@@ -43,6 +49,8 @@ class BuildRequest:
         }
         if settings.base_image:
             chosen["base_image"] = settings.base_image
+        if settings.cran_mirror:
+            chosen["cran_mirror"] = settings.cran_mirror
         return chosen
 
 
@@ -107,18 +115,24 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
         }
         if request.subdir:
             labels["binderbox.subdir"] = subdir
+        labels.update(dict(request.labels))
 
         def log_line(line: str) -> None:
             emit(Event("building", line, log=True))
 
         if plan.dockerfile:
             emit(Event("building", f"Building {image} from {plan.dockerfile} as written"))
+            # Docker reads only <context>/.dockerignore; bring the one that applies there.
+            ignore = ignore_file(repo, plan.config_dir)
+            if ignore and ignore != repo / ".dockerignore":
+                shutil.copyfile(ignore, repo / ".dockerignore")
             try:
                 engine.build(
                     repo,
                     repo / plan.dockerfile,
                     image,
                     labels=labels,
+                    build_args=dict(request.build_args),
                     no_cache=request.no_cache,
                     timeout=settings.build_timeout,
                     on_line=log_line,
@@ -127,8 +141,8 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 names = from_images((repo / plan.dockerfile).read_text(errors="replace"))
                 raise BaseImageUnavailable(
                     f"The build failed: the base image {' or '.join(map(repr, names))} named in "
-                    f"{plan.dockerfile} could not be pulled; is its registry reachable from "
-                    "this machine?",
+                    f"{plan.dockerfile} could not be pulled; this machine may not reach its "
+                    "registry.",
                     log_tail=err.log_tail,
                 ) from None
         else:
@@ -141,6 +155,7 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 target_repo_dir=request.target_repo_dir,
                 appendix=request.appendix,
                 with_ca_bundle=bool(settings.ca_bundle),
+                cran_mirror=settings.cran_mirror,
             )
             recipe = render(plan, options)
             support = context / SUPPORT_IN_CONTEXT
@@ -151,13 +166,16 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 shutil.copyfile(settings.ca_bundle, support / "extra-ca.crt")
             dockerfile = context / "Dockerfile"
             dockerfile.write_text(recipe.dockerfile)
-            (context / ".dockerignore").write_text("checkout\n")
+            (context / ".dockerignore").write_text(
+                "checkout\n" + "".join(f"{p}\n" for p in ignore_patterns(repo, plan.config_dir))
+            )
             emit(Event("building", f"Building {image} on {base_image}"))
             engine.build(
                 context,
                 dockerfile,
                 image,
                 labels=labels,
+                build_args=dict(request.build_args),
                 no_cache=request.no_cache,
                 timeout=settings.build_timeout,
                 steps=recipe.steps,
@@ -183,8 +201,20 @@ def ensure_base(suite: str, settings: Settings, engine: DockerEngine, emit: Emit
     )
 
 
-def choose_suite(python_version: str, settings: Settings) -> tuple[str, str]:
-    """The base suite for a requested Python version, and a warning when it differs."""
+# Where a requested Python version comes from, for messages.
+_PYTHON_FROM = "runtime.txt, environment.yml or Pipfile"
+
+
+def choose_suite(
+    python_version: str, settings: Settings, python_requires: str = ""
+) -> tuple[str, str]:
+    """The base suite for a requested Python version, and a warning when it differs.
+
+    ``python_requires`` (a PEP 440 range) applies when no exact version is asked for:
+    the default suite if its Python fits, else the newest suite whose Python does.
+    """
+    if not python_version and python_requires:
+        return _suite_for_range(python_requires, settings)
     if not python_version:
         return settings.base_suite, ""
     for suite, shipped in base.SUITE_PYTHON.items():
@@ -193,8 +223,8 @@ def choose_suite(python_version: str, settings: Settings) -> tuple[str, str]:
     available = ", ".join(f"{v} ({s})" for s, v in base.SUITE_PYTHON.items())
     if settings.python_fallback == "fail":
         raise ConfigError(
-            f"runtime.txt asks for Python {python_version}, which binderbox cannot provide; "
-            f"available: {available}."
+            f"The repository asks for Python {python_version} ({_PYTHON_FROM}), which binderbox "
+            f"cannot provide; available: {available}."
         )
 
     def distance(item: tuple[str, str]) -> tuple[int, int]:
@@ -204,28 +234,125 @@ def choose_suite(python_version: str, settings: Settings) -> tuple[str, str]:
 
     suite, shipped = min(base.SUITE_PYTHON.items(), key=distance)
     return suite, (
-        f"runtime.txt asks for Python {python_version}, which binderbox cannot provide; "
-        f"using the nearest available, Python {shipped}."
+        f"The repository asks for Python {python_version} ({_PYTHON_FROM}), which binderbox "
+        f"cannot provide; using the nearest available, Python {shipped}."
     )
+
+
+def _suite_for_range(python_requires: str, settings: Settings) -> tuple[str, str]:
+    spec = SpecifierSet(python_requires)
+    shipped = base.SUITE_PYTHON
+    if spec.contains(shipped[settings.base_suite]):
+        return settings.base_suite, ""
+    fitting = [s for s, v in shipped.items() if spec.contains(v)]
+    if fitting:
+        return max(fitting, key=lambda s: Version(shipped[s])), ""
+    available = ", ".join(f"{v} ({s})" for s, v in shipped.items())
+    message = (
+        f"The repository needs Python {python_requires} (requires-python or environment.yml), "
+        f"which binderbox cannot provide; available: {available}"
+    )
+    if settings.python_fallback == "fail":
+        raise ConfigError(message + ".")
+    return settings.base_suite, f"{message}; using Python {shipped[settings.base_suite]}."
+
+
+def choose_r_suite(r_version: str, settings: Settings, python_suite: str = "") -> tuple[str, str]:
+    """The base suite for a requested R version, and a warning when its R differs.
+
+    ``python_suite`` is the suite a requested Python already decided on; R then comes
+    from that suite whatever its version.
+    """
+    shipped_by = {python_suite: base.SUITE_R[python_suite]} if python_suite else base.SUITE_R
+    preferred = python_suite or settings.base_suite
+    if not r_version:
+        return preferred, ""
+    want = _version_tuple(r_version)
+    matching = [s for s, v in shipped_by.items() if _version_tuple(v)[: len(want)] == want]
+    if matching:
+        return (preferred if preferred in matching else matching[0]), ""
+    available = ", ".join(f"R {v} ({s})" for s, v in shipped_by.items())
+    if settings.r_version_fallback == "fail":
+        raise ConfigError(
+            f"runtime.txt asks for R {r_version}, which binderbox cannot provide (Debian ships "
+            f"one R per release); available: {available}."
+        )
+
+    def distance(suite: str) -> int:
+        # Minor versions as steps along one line: 3.6 is nearer to 4.2 than to 4.5.
+        have = _version_tuple(shipped_by[suite])
+        return abs((have[0] - want[0]) * 100 + have[1] - want[1])
+
+    suite = min(shipped_by, key=distance)
+    return suite, (
+        f"runtime.txt asks for R {r_version}, which binderbox cannot provide; using the "
+        f"nearest available, R {shipped_by[suite]} from Debian {suite}."
+    )
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
 
 
 def _base_for(
     plan: BuildPlan, settings: Settings, engine: DockerEngine, emit: Emit
 ) -> tuple[str, bool]:
+    r_version = plan.r.version if plan.r else ""
     if settings.base_image:
         if plan.python_version:
             emit(
                 Event(
                     "building",
-                    f"Warning: runtime.txt asks for Python {plan.python_version}; the custom "
-                    f"base image {settings.base_image} decides which Python is used.",
+                    f"Warning: the repository asks for Python {plan.python_version} "
+                    f"({_PYTHON_FROM}); the custom base image {settings.base_image} decides "
+                    "which Python is used.",
+                )
+            )
+        if r_version:
+            emit(
+                Event(
+                    "building",
+                    f"Warning: runtime.txt asks for R {r_version}; the Debian release of the "
+                    f"custom base image {settings.base_image} decides which R is used.",
                 )
             )
         return settings.base_image, True
-    suite, warning = choose_suite(plan.python_version, settings)
+    suite, warning = choose_suite(plan.python_version, settings, plan.python_requires)
     if warning:
         emit(Event("building", f"Warning: {warning}"))
+    if plan.r:
+        suite, warning = choose_r_suite(r_version, settings, suite if plan.python_version else "")
+        if warning:
+            emit(Event("building", f"Warning: {warning}"))
     return ensure_base(suite, settings, engine, emit), False
+
+
+def ignore_file(repo: Path, config_dir: str) -> Path | None:
+    """The .dockerignore (or .containerignore) that applies: the binder dir's, if any."""
+    folder = repo / config_dir if config_dir else repo
+    for name in (".dockerignore", ".containerignore"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def ignore_patterns(repo: Path, config_dir: str) -> list[str]:
+    """The repository's ignore patterns, rewritten for the ``repo/`` folder of our context."""
+    path = ignore_file(repo, config_dir)
+    if not path:
+        return []
+    patterns = []
+    for raw in path.read_text(errors="replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!").strip().lstrip("/")
+        # A pattern reaching out of the repository could hide binderbox's own files.
+        if not pattern or ".." in PurePosixPath(pattern).parts:
+            continue
+        patterns.append(("!" if negate else "") + f"{REPO_IN_CONTEXT}/{pattern}")
+    return patterns
 
 
 def from_images(dockerfile: str) -> list[str]:

@@ -14,7 +14,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from binderbox.build import stack
+from binderbox.build import r_support, stack
 from binderbox.build.plan import BuildPlan
 from binderbox.errors import UsageError
 
@@ -52,6 +52,8 @@ class ImageOptions:
     target_repo_dir: str = ""
     appendix: str = ""
     with_ca_bundle: bool = False
+    # CRAN mirror for R images; "" means runtime.txt's snapshot date, else plain CRAN.
+    cran_mirror: str = ""
 
     @property
     def home(self) -> str:
@@ -78,6 +80,11 @@ class ImageOptions:
         ):
             raise UsageError(
                 f"--target-repo-dir {repo_dir!r} must be an absolute path such as /srv/repo."
+            )
+        if self.cran_mirror and not r_support.check_mirror(self.cran_mirror):
+            raise UsageError(
+                f"cran_mirror {self.cran_mirror!r} must be an http(s) URL without quotes, "
+                "backslashes or spaces."
             )
 
 
@@ -137,19 +144,16 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
             f"COPY {SUPPORT_IN_CONTEXT}/extra-ca.crt "
             "/usr/local/share/ca-certificates/binderbox-extra.crt"
         )
-        w.run("trusting the extra CA bundle", "update-ca-certificates >/dev/null")
+        # Appended rather than regenerated: cheaper, and later apt triggers keep it.
+        w.run(
+            "trusting the extra CA bundle",
+            "cat /usr/local/share/ca-certificates/binderbox-extra.crt"
+            " >> /etc/ssl/certs/ca-certificates.crt",
+        )
     if options.foreign_base:
         w.run("installing uv", uv_install_command("/etc/ssl/certs/ca-certificates.crt"))
     w.add(f"COPY {SUPPORT_IN_CONTEXT}/entrypoint /usr/local/bin/binderbox-entrypoint")
-    dirs = " ".join(shlex.quote(d) for d in dict.fromkeys([stack.VENV, repo_dir]))
-    w.run(
-        f"creating the user {options.user_name}",
-        f"chmod 0755 /usr/local/bin/binderbox-entrypoint"
-        f" && groupadd --non-unique --gid {uid} {options.user_name}"
-        f" && useradd --non-unique --uid {uid} --gid {uid} --create-home --shell /bin/bash"
-        f" {options.user_name}"
-        f" && install -d -o {uid} -g {uid} {dirs}",
-    )
+    w.run(f"creating the user {options.user_name}", _user_command(options))
     bundle = "/etc/ssl/certs/ca-certificates.crt"
     w.add(
         f"ENV NB_USER={options.user_name} NB_UID={uid} USER={options.user_name} HOME={home} "
@@ -165,20 +169,34 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         "UV_NO_PROGRESS=1 PYTHONUNBUFFERED=1"
     )
 
-    # The Jupyter server stack: the same text for every repository, so built once.
+    # The Jupyter server stack is part of binderbox's base images; on any other base it is
+    # installed here, with the same text for every repository, so it is built once.
     w.add(f"USER {uid}")
-    w.run(
-        "installing the Jupyter server stack",
-        f"uv venv --seed --python /usr/bin/python3 {stack.VENV}"
-        f" && uv pip install --python {stack.VENV}/bin/python " + " ".join(stack.SERVER_STACK),
-        mounts=uv_cache,
-    )
+    if options.foreign_base:
+        w.run("installing the Jupyter server stack", server_stack_command(), mounts=uv_cache)
+
+    if plan.r:
+        # R and its kernel: after the server stack, so that layer stays shared by all, and
+        # before apt.txt, which may add r-cran-* packages. The apt layer is the same for
+        # every R repository (with or without compilers); the mirror comes after it.
+        w.add("USER root")
+        w.run(
+            "installing R from Debian packages",
+            r_support.install_command(plan.r),
+            mounts=r_support.APT_CACHE_MOUNTS,
+        )
+        w.run(
+            "configuring R (CRAN mirror, library)",
+            r_support.configure_command(r_support.cran_mirror(plan.r, options.cran_mirror), uid),
+        )
+        w.add(f"USER {uid}")
+        w.run("registering the R kernel", r_support.kernelspec_command())
 
     if plan.apt_packages:
         names = " ".join(shlex.quote(p.spec()) for p in plan.apt_packages)
         w.add("USER root")
         w.run(
-            "installing apt.txt packages",
+            "installing Debian packages (apt.txt)",
             "apt-get update -qq && apt-get install -y --no-install-recommends " + names,
             mounts=(
                 "type=cache,id=binderbox-apt-cache,target=/var/cache/apt,sharing=locked",
@@ -207,7 +225,20 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
 
     w.add(f"COPY --chown={owner} {REPO_IN_CONTEXT}/ {repo_dir}/")
     w.add(f"WORKDIR {repo_dir}")
-    if reqs and reqs.local:
+    if reqs and reqs.local and reqs.from_its_folder:
+        # As conda installs a pip section: from a file beside environment.yml, in its folder,
+        # so "-e ." and "-r other.txt" there mean what they mean to conda.
+        folder = posixpath.dirname(reqs.path) or "."
+        beside = ".binderbox-pip-requirements.txt"
+        target = posixpath.join(repo_dir, folder, beside)
+        w.add(f"COPY --chown={owner} {requirements_source} {posixpath.normpath(target)}")
+        w.run(
+            f"installing {reqs.path}",
+            f"cd {shlex.quote(folder)} && uv pip install --python {stack.VENV}/bin/python"
+            f" -r {beside} && rm {beside}",
+            mounts=uv_cache,
+        )
+    elif reqs and reqs.local:
         # Relative paths in it are relative to the repository, as pip reads them from there.
         if reqs.derived:
             w.add(f"COPY --chown={owner} {requirements_source} {deps}")
@@ -223,6 +254,27 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
             f"uv pip install --python {stack.VENV}/bin/python .",
             mounts=uv_cache,
         )
+    if plan.r and (plan.r.install_script or plan.r.package):
+        # After the copy, as install.R may use the repository's files; before postBuild.
+        support[r_support.RUNNER] = r_support.RUNNER_SCRIPT
+        runner = r_support.helper_mount(r_support.RUNNER, SUPPORT_IN_CONTEXT)
+        if plan.r.install_script:
+            w.run(
+                f"running {plan.r.install_script}",
+                r_support.run_script_command(plan.r.install_script, plan.r.install_script),
+                mounts=(runner,),
+            )
+        if plan.r.package:
+            support[r_support.DESCRIPTION_INSTALLER] = r_support.DESCRIPTION_SCRIPT
+            installer = f"{r_support.HELPERS_IN_IMAGE}/{r_support.DESCRIPTION_INSTALLER}"
+            w.run(
+                f"installing the repository as the R package {plan.r.package} (DESCRIPTION)",
+                r_support.run_script_command("DESCRIPTION", installer),
+                mounts=(
+                    runner,
+                    r_support.helper_mount(r_support.DESCRIPTION_INSTALLER, SUPPORT_IN_CONTEXT),
+                ),
+            )
     executables = [p for p in (plan.start, plan.post_build) if p]
     if executables:
         quoted = " ".join(shlex.quote(p) for p in executables)
@@ -243,6 +295,45 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     w.add('ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/usr/local/bin/binderbox-entrypoint"]')
     w.add(f"CMD {json.dumps(list(DEFAULT_COMMAND))}")
     return Recipe("\n".join(w.lines) + "\n", support, tuple(w.steps))
+
+
+def _user_command(options: ImageOptions) -> str:
+    """Create the image's user (binderbox bases already have jovyan, 1000) and its folders."""
+    uid, name = options.user_id, options.user_name
+    command = "chmod 0755 /usr/local/bin/binderbox-entrypoint"
+    has_user = not options.foreign_base and (uid, name) == (
+        stack.BASE_USER_ID,
+        stack.BASE_USER_NAME,
+    )
+    if not has_user:
+        # Another base may already have this user (Jupyter's images have jovyan): adjust it.
+        command += (
+            f" && if getent group {name} >/dev/null;"
+            f" then groupmod --non-unique --gid {uid} {name};"
+            f" else groupadd --non-unique --gid {uid} {name}; fi"
+            f" && if id -u {name} >/dev/null 2>&1;"
+            f" then usermod --non-unique --uid {uid} --gid {uid} --home {options.home} {name};"
+            f" else useradd --non-unique --uid {uid} --gid {uid} --create-home"
+            f" --shell /bin/bash {name}; fi"
+        )
+    dirs = [options.home, options.repo_dir]
+    if options.foreign_base:
+        dirs.insert(0, stack.VENV)
+    command += f" && install -d -o {uid} -g {uid} " + " ".join(
+        shlex.quote(d) for d in dict.fromkeys(dirs)
+    )
+    if not options.foreign_base and uid != stack.BASE_USER_ID:
+        # The base's server stack belongs to uid 1000; the user must own their Python.
+        command += f" && chown -R {uid}:{uid} {stack.VENV}"
+    return command
+
+
+def server_stack_command() -> str:
+    """Create the venv and install the pinned Jupyter server stack into it."""
+    return (
+        f"uv venv --allow-existing --seed --python /usr/bin/python3 {stack.VENV}"
+        f" && uv pip install --python {stack.VENV}/bin/python " + " ".join(stack.SERVER_STACK)
+    )
 
 
 def system_bootstrap_command() -> str:

@@ -12,6 +12,10 @@ SERVER_STACK = (
 # uv, installed into every base from PyPI.
 UV_VERSION = "0.13.9"
 
+# The user that binderbox's own base images already have, owning the server stack.
+BASE_USER_ID = 1000
+BASE_USER_NAME = "jovyan"
+
 # Where the Python environment of every image lives.
 VENV = "/srv/venv"
 # Where uv keeps its cache inside builds (a BuildKit cache mount, never in the image).

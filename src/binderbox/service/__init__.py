@@ -1,0 +1,1 @@
+"""The Binder service: share links, the /build event stream, launches (BinderHub's role)."""

@@ -1,0 +1,221 @@
+"""The HTTP face of the service: routes that turn launch steps into responses.
+
+Handlers stay thin: parsing and launching live in ``launchflow``; here events become
+``text/event-stream`` lines, JSON or pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route
+
+from binderbox import __version__
+from binderbox.build.engine import docker_client
+from binderbox.config import Settings
+from binderbox.errors import BinderboxError
+from binderbox.events import Event
+from binderbox.service.buildqueue import BuildQueue
+from binderbox.service.launchflow import Launcher, LaunchRequest, ServiceContext, launch_events
+from binderbox.service.specs import PROVIDERS
+
+KEEPALIVE_SECONDS = 25.0
+
+
+def sse(event: Event) -> str:
+    return f"data: {json.dumps(event.as_json())}\n\n"
+
+
+async def with_keepalive(events: AsyncIterator[Event], every: float) -> AsyncIterator[str]:
+    """Event-stream lines, with a ``:keepalive`` comment whenever ``every`` s pass quietly."""
+    iterator = events.__aiter__()
+    pending: asyncio.Task[Event] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield ":keepalive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield sse(event)
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+def raw_spec(request: Request, prefix: str) -> tuple[str, str]:
+    """Provider and spec as sent, still URL-escaped: ``git`` and ``gl`` specs escape their
+    URL's slashes, which the decoded path would lose."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    path = raw.decode("latin-1").removeprefix(prefix)
+    provider, _, spec = path.partition("/")
+    return provider, spec
+
+
+def create_app(
+    settings: Settings,
+    launcher: Launcher | None = None,
+    *,
+    keepalive: float = KEEPALIVE_SECONDS,
+) -> Starlette:
+    """The ASGI app for ``binderbox serve``."""
+    ctx = ServiceContext(
+        settings=settings, queue=BuildQueue(settings.build_concurrency), launcher=launcher
+    )
+
+    def cors(response: Response) -> Response:
+        if settings.cors_allow_origin:
+            response.headers["Access-Control-Allow-Origin"] = settings.cors_allow_origin
+        return response
+
+    async def build(request: Request) -> Response:
+        provider, spec = raw_spec(request, "/build/")
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            event = Event(
+                "failed",
+                "This endpoint streams events: send the header 'Accept: text/event-stream'.",
+                {"status_code": 400},
+            )
+            return cors(Response(sse(event), status_code=400, media_type="text/event-stream"))
+        build_only = request.query_params.get("build_only", "").lower() == "true"
+        if build_only and not settings.build_only_enabled:
+            event = Event("failed", "build_only is not enabled on this binderbox.", {})
+            return cors(Response(sse(event), status_code=400, media_type="text/event-stream"))
+        launch = LaunchRequest(
+            provider=provider,
+            spec=spec,
+            launch_host=str(request.base_url),
+            build_only=build_only,
+        )
+        stream = with_keepalive(launch_events(launch, ctx), keepalive)
+        return cors(
+            StreamingResponse(
+                stream,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        )
+
+    async def repoproviders(request: Request) -> Response:
+        return cors(
+            JSONResponse(
+                [
+                    {
+                        "provider": p.name,
+                        "display_name": p.display_name,
+                        "regex_detail": p.regex,
+                        "repo_label": p.repo_label,
+                        "ref_label": p.ref_label,
+                    }
+                    for p in PROVIDERS.values()
+                ]
+            )
+        )
+
+    async def health(request: Request) -> Response:
+        checks = []
+        try:
+            await asyncio.to_thread(docker_client)
+            checks.append({"service": "Docker", "ok": True})
+        except BinderboxError as error:
+            checks.append({"service": "Docker", "ok": False, "message": error.message})
+        if launcher is not None:
+            ok = await launcher.healthy()
+            checks.append({"service": "JupyterHub", "ok": ok})
+        checks.append(
+            {
+                "service": "Build queue",
+                "ok": True,
+                "running": ctx.queue.running,
+                "waiting": ctx.queue.waiting,
+            }
+        )
+        ok = all(c["ok"] for c in checks)
+        return cors(JSONResponse({"ok": ok, "checks": checks}, status_code=200 if ok else 503))
+
+    async def versions(request: Request) -> Response:
+        return cors(JSONResponse({"binderhub": f"binderbox {__version__}", "builder": __version__}))
+
+    async def legacy_repo(request: Request) -> Response:
+        user, repo = request.path_params["user"], request.path_params["repo"]
+        target = f"/v2/gh/{quote(user)}/{quote(repo)}/HEAD"
+        if request.url.query:
+            target += "?" + request.url.query
+        return RedirectResponse(target, status_code=302)
+
+    async def launch_page(request: Request) -> Response:
+        provider, spec = raw_spec(request, "/v2/")
+        return HTMLResponse(_launch_page(provider, spec))
+
+    return Starlette(
+        routes=[
+            Route("/build/{provider}/{spec:path}", build),
+            Route("/v2/{provider}/{spec:path}", launch_page),
+            Route("/repo/{user}/{repo}", legacy_repo),
+            Route("/api/repoproviders", repoproviders),
+            Route("/health", health),
+            Route("/versions", versions),
+        ]
+    )
+
+
+def _launch_page(provider: str, spec: str) -> str:
+    """A plain launch page: phase, live log, the error, then the redirect."""
+    title = html.escape(f"{provider}/{spec}")
+    build_url = json.dumps(f"/build/{provider}/{spec}")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Launching {title} · binderbox</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}
+pre{{background:#111;color:#ddd;padding:1rem;max-height:60vh;overflow:auto;white-space:pre-wrap}}
+#phase{{font-weight:bold}} .failed{{color:#b00}}</style></head>
+<body><h1>Launching {title}</h1>
+<p>Phase: <span id="phase" role="status">starting</span></p>
+<p id="message"></p><pre id="log" aria-label="Build log"></pre>
+<script>
+const query = new URLSearchParams(location.search);
+const source = new EventSource({build_url} + location.search);
+const log = document.getElementById("log");
+source.onmessage = (e) => {{
+  const data = JSON.parse(e.data);
+  document.getElementById("phase").textContent = data.phase;
+  if (data.phase === "building" || data.phase === "waiting") {{
+    log.textContent += data.message.endsWith("\\n") ? data.message : data.message + "\\n";
+    log.scrollTop = log.scrollHeight;
+  }} else {{ document.getElementById("message").textContent = data.message; }}
+  if (data.phase === "failed") {{
+    document.getElementById("phase").className = "failed"; source.close();
+  }}
+  if (data.phase === "ready") {{
+    source.close();
+    let path = query.get("urlpath") || "";
+    if (query.get("labpath")) path = "lab/tree/" + query.get("labpath");
+    else if (query.get("filepath")) path = "tree/" + query.get("filepath");
+    path = path.replace(/^\\/+/, "");
+    const url = new URL(data.url + path);
+    url.searchParams.set("token", data.token);
+    location.href = url.toString();
+  }}
+}};
+</script></body></html>
+"""

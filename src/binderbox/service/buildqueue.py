@@ -1,0 +1,126 @@
+"""Build admission: a concurrency limit, a visible queue, and one build per image.
+
+Two requests for the same image share one build; each follower gets the full log from
+the start, however late it joins. Builds run in worker threads (the builder is
+synchronous), their events cross into the event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from binderbox.build.pipeline import BuildResult
+from binderbox.errors import BinderboxError
+from binderbox.events import Emit, Event
+
+BuildFunction = Callable[[Emit], BuildResult]
+
+
+@dataclass
+class BuildJob:
+    """One build of one image, with everything it said so far."""
+
+    image: str
+    events: list[Event] = field(default_factory=list)
+    result: BuildResult | None = None
+    error: BinderboxError | None = None
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+    # Resolved and replaced on every change, so no follower can miss a wake-up.
+    changed: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+        self.notify()
+
+    def notify(self) -> None:
+        changed, self.changed = self.changed, asyncio.get_running_loop().create_future()
+        changed.set_result(None)
+
+
+class BuildQueue:
+    """Runs at most ``limit`` builds at once; identical requests share one build."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the build limit must be at least 1")
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self._jobs: dict[str, BuildJob] = {}
+        self._waiting: list[BuildJob] = []
+        self.running = 0
+
+    def job(self, image: str) -> BuildJob | None:
+        """The unfinished build of ``image``, if one is queued or running."""
+        job = self._jobs.get(image)
+        return job if job and not job.done else None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, image: str, build: BuildFunction) -> tuple[BuildJob, bool]:
+        """The build of ``image``: the running one, or a new one. True when new."""
+        existing = self.job(image)
+        if existing:
+            return existing, False
+        job = BuildJob(image)
+        self._jobs[image] = job
+        self._waiting.append(job)
+        self._announce_positions()
+        asyncio.get_running_loop().create_task(self._run(job, build))
+        return job, True
+
+    async def _run(self, job: BuildJob, build: BuildFunction) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            self._waiting.remove(job)
+            self._announce_positions()
+            self.running += 1
+            try:
+                job.result = await asyncio.to_thread(
+                    build, lambda event: loop.call_soon_threadsafe(job.add, event)
+                )
+            except BinderboxError as error:
+                job.error = error
+            except Exception as error:  # a bug must still end the stream with a reason
+                job.error = BinderboxError(
+                    f"The build failed unexpectedly: {type(error).__name__}: {error}"
+                )
+            finally:
+                self.running -= 1
+                # Let events already scheduled by the worker thread land first.
+                await asyncio.sleep(0)
+                job.done = True
+                job.notify()
+
+    def _announce_positions(self) -> None:
+        for position, job in enumerate(self._waiting, start=1):
+            ahead = position - 1 + self.running
+            job.add(
+                Event(
+                    "waiting",
+                    f"Waiting for a build slot: position {position} in the queue "
+                    f"({ahead} build{'s' if ahead != 1 else ''} ahead).",
+                    {"position": position},
+                )
+            )
+
+
+async def follow(job: BuildJob) -> AsyncIterator[Event]:
+    """Every event of ``job`` from the first, then new ones as they come, until it ends."""
+    index = 0
+    while True:
+        changed = job.changed
+        while index < len(job.events):
+            yield job.events[index]
+            index += 1
+        if job.done:
+            return
+        if index == len(job.events):
+            await changed

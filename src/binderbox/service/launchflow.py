@@ -1,0 +1,139 @@
+"""One launch as named steps: spec → resolve → image → build (queued) → launch → ready.
+
+Each step is a plain function or coroutine; ``launch_events`` strings them together and
+yields the events the /build stream sends. Errors become one ``failed`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from binderbox.build.engine import DockerEngine
+from binderbox.build.pipeline import BuildRequest, build_repository
+from binderbox.config import Settings
+from binderbox.errors import BinderboxError
+from binderbox.events import Event
+from binderbox.naming import image_name_for
+from binderbox.providers.git import GitSource
+from binderbox.providers.hosts import check_remote_url
+from binderbox.service.buildqueue import BuildQueue, follow
+from binderbox.service.specs import RepoSpec, parse_spec
+
+
+class Launcher(Protocol):
+    """Starts a session from an image; yields ``launching`` events, then ``ready``."""
+
+    def launch(self, image: str, binder_env: dict[str, str]) -> AsyncIterator[Event]: ...
+
+    async def healthy(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    provider: str
+    spec: str
+    # Scheme and host the user reached us at, e.g. "http://127.0.0.1:8585/".
+    launch_host: str
+    build_only: bool = False
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    queue: BuildQueue
+    launcher: Launcher | None
+
+
+@dataclass(frozen=True)
+class ResolvedLaunch:
+    spec: RepoSpec
+    source: GitSource
+    commit: str
+    image: str
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    return [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+
+
+def resolve_launch(provider: str, spec: str, settings: Settings) -> ResolvedLaunch:
+    """Parse and check the spec, resolve its ref to a commit and name the image (blocking)."""
+    parsed = parse_spec(provider, spec)
+    check_remote_url(parsed.repo_url, allowed_hosts(settings))
+    source = GitSource(parsed.repo_url, parsed.ref)
+    commit = source.resolve()
+    if not commit:
+        # An abbreviated commit: resolving it needs the clone the build makes anyway.
+        raise BinderboxError(
+            f"'{parsed.ref}' looks like an abbreviated commit; use the full 40-character "
+            "commit, a branch or a tag."
+        )
+    image = image_name_for(settings.image_prefix, source.slug(), commit, {})
+    return ResolvedLaunch(parsed, source, commit, image)
+
+
+def binder_fields(request: LaunchRequest, resolved: ResolvedLaunch) -> dict[str, str]:
+    """The binder_* fields of the ready event, also given to the session as BINDER_*."""
+    spec = resolved.spec
+    ref_url = spec.repo_url
+    if spec.provider in {"gh", "gl"}:
+        ref_url = f"{spec.repo_url}/tree/{resolved.commit}"
+    return {
+        "repo_url": spec.repo_url,
+        "binder_ref_url": ref_url,
+        "binder_launch_host": request.launch_host,
+        "binder_request": f"v2/{request.provider}/{request.spec}",
+        "binder_persistent_request": f"v2/{request.provider}/{spec.persistent(resolved.commit)}",
+    }
+
+
+async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIterator[Event]:
+    """The whole launch as events; always ends with ``ready`` or ``failed``."""
+    try:
+        async for event in _launch(request, ctx):
+            yield event
+    except BinderboxError as error:
+        fields = {"log_tail": error.log_tail} if error.log_tail else {}
+        message = error.message
+        if error.log_tail:
+            message += "\n\nThe last lines of the build log:\n" + error.log_tail
+        yield Event("failed", message, fields)
+
+
+async def _launch(request: LaunchRequest, ctx: ServiceContext) -> AsyncIterator[Event]:
+    settings = ctx.settings
+    yield Event("fetching", f"Resolving {request.provider}/{request.spec}")
+    resolved = await asyncio.to_thread(resolve_launch, request.provider, request.spec, settings)
+    engine = await asyncio.to_thread(DockerEngine.connect, settings.docker_cli)
+    image = resolved.image
+    fields = binder_fields(request, resolved)
+
+    if await asyncio.to_thread(engine.image_exists, image):
+        yield Event("built", "Found a built image for this commit, launching.", {"image": image})
+    else:
+        build = BuildRequest(source=resolved.source)
+        job, _ = ctx.queue.submit(image, lambda emit: build_repository(build, settings, emit))
+        async for event in follow(job):
+            if event.phase == "built":
+                continue  # said once below, after the build really ended
+            yield event
+        if job.error:
+            raise job.error
+        yield Event("built", f"Built {image}.", {"image": image})
+
+    if request.build_only:
+        yield Event(
+            "ready", "The image is built; nothing was launched.", {"image": image, **fields}
+        )
+        return
+    if ctx.launcher is None:
+        raise BinderboxError("This binderbox only builds images; launching is not enabled.")
+    async for event in ctx.launcher.launch(image, fields):
+        if event.phase == "ready":
+            yield Event("ready", event.message, {**event.fields, "image": image, **fields})
+            return
+        yield event
+    raise BinderboxError("The session ended before it was ready.")

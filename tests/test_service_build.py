@@ -1,0 +1,225 @@
+"""The service's /build event stream against a real uvicorn server, real builds and a
+git daemon on 127.0.0.1 (build_only: launching sessions is tested with JupyterHub)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+import pytest
+import requests
+import uvicorn
+from tests.conftest import commit_all, free_port, wait_for_port
+
+from binderbox.config import load_settings
+from binderbox.service.app import create_app
+
+pytestmark = pytest.mark.docker
+
+
+class Service:
+    def __init__(self, **overrides):
+        settings = load_settings(environ={}).with_overrides(**overrides)
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(settings, keepalive=1.0),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def events(self, path: str, timeout: float = 600) -> tuple[list[dict], list[str]]:
+        """All events of one /build stream, and the comment lines seen."""
+        response = requests.get(
+            self.url + path, headers={"Accept": "text/event-stream"}, stream=True, timeout=timeout
+        )
+        events, comments = [], []
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if events[-1]["phase"] in {"ready", "failed"}:
+                    break
+            elif line.startswith(":"):
+                comments.append(line)
+        response.close()
+        return events, comments
+
+
+@pytest.fixture
+def service(base_image, built_images):
+    prefix = f"binderbox-svc-{uuid.uuid4().hex[:6]}-"
+    svc = Service(image_prefix=prefix, allowed_hosts="127.0.0.1", build_only_enabled=True)
+    yield svc
+    svc.stop()
+    import docker
+
+    client = docker.from_env()
+    for image in client.images.list():
+        for tag in image.tags:
+            if tag.startswith(prefix):
+                built_images.add(tag)
+
+
+def served_repo(git_server, tmp_path, files: dict[str, str], name: str) -> str:
+    work = tmp_path / name
+    work.mkdir()
+    for rel, text in files.items():
+        path = work / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    commit_all(work)
+    return git_server.publish(work, f"{name}.git")
+
+
+def build_path(url: str, ref: str = "main", **query: str) -> str:
+    path = f"/build/git/{quote(url, safe='')}/{ref}"
+    if query:
+        path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    return path
+
+
+def phases(events: list[dict]) -> list[str]:
+    """The phase sequence with repeats collapsed."""
+    out: list[str] = []
+    for event in events:
+        if not out or out[-1] != event["phase"]:
+            out.append(event["phase"])
+    return out
+
+
+def test_without_the_accept_header_one_failed_event(service):
+    response = requests.get(service.url + "/build/gh/org/repo/HEAD", timeout=10)
+    assert response.status_code == 400
+    event = json.loads(response.text.removeprefix("data: "))
+    assert event["phase"] == "failed"
+    assert event["status_code"] == 400
+
+
+def test_build_only_streams_the_phases_and_then_reuses_the_image(service, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, {"requirements.txt": "six\n", "a.ipynb": "{}"}, "svc1")
+    events, _ = service.events(build_path(url, build_only="true"))
+    assert phases(events)[0] == "fetching"
+    assert phases(events)[-2:] == ["built", "ready"]
+    assert "building" in phases(events)
+    ready = events[-1]
+    assert ready["image"].startswith(service_prefix(ready))
+    assert ready["repo_url"] == url
+    assert ready["binder_launch_host"] == service.url + "/"
+    assert ready["binder_request"] == build_path(url).replace("/build/", "v2/", 1)
+    assert ready["binder_persistent_request"].startswith("v2/git/")
+
+    again, _ = service.events(build_path(url, build_only="true"))
+    assert phases(again) == ["fetching", "built", "ready"]
+    assert again[-1]["image"] == ready["image"]
+
+
+def service_prefix(ready: dict) -> str:
+    return ready["image"].split("git-127-0-0-1")[0]
+
+
+def test_two_requests_for_a_new_commit_share_one_build(service, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, {"requirements.txt": "six\n", "b.txt": "b"}, "svc2")
+    path = build_path(url, build_only="true")
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: service.events(path)[0], range(2))
+    assert first[-1]["phase"] == second[-1]["phase"] == "ready"
+    logs = [[e["message"] for e in run if e["phase"] == "building"] for run in (first, second)]
+    # The same log, timings included, can only come from one shared build.
+    assert logs[0] and logs[0] == logs[1]
+
+
+def test_unknown_ref_fails_with_the_ref_named(service, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, {"a.txt": "a"}, "svc3")
+    events, _ = service.events(build_path(url, "no-such-branch"))
+    assert events[-1]["phase"] == "failed"
+    assert "no-such-branch" in events[-1]["message"]
+    assert "ready" not in phases(events)
+
+
+def test_failing_repository_reports_the_cause_and_the_log(service, git_server, tmp_path):
+    files = {"postBuild": "#!/bin/sh\necho about-to-fail\nexit 4\n"}
+    url = served_repo(git_server, tmp_path, files, "svc4")
+    events, _ = service.events(build_path(url, build_only="true"))
+    failed = events[-1]
+    assert failed["phase"] == "failed"
+    assert "postBuild" in failed["message"] and "code 4" in failed["message"]
+    assert "about-to-fail" in failed["log_tail"]
+    assert "ready" not in phases(events)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("file:///etc", "'file://'"),
+        ("/srv/repo", "a local path"),
+        ("git://10.1.2.3/repo.git", "local or private network"),
+        ("http://169.254.169.254/latest", "local or private network"),
+    ],
+)
+def test_dangerous_git_urls_are_refused(service, url, words):
+    events, _ = service.events(build_path(url, "main"))
+    assert [e["phase"] for e in events][-1] == "failed"
+    assert words in events[-1]["message"]
+
+
+def test_loopback_needs_the_operator_allow_list(base_image, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, {"a.txt": "a"}, "svc5")
+    closed = Service(build_only_enabled=True)
+    try:
+        events, _ = closed.events(build_path(url, build_only="true"))
+    finally:
+        closed.stop()
+    assert events[-1]["phase"] == "failed"
+    assert "local or private network" in events[-1]["message"]
+
+
+def test_keepalive_comments_during_a_long_build(service, git_server, tmp_path):
+    files = {"postBuild": "#!/bin/sh\nsleep 3\n"}
+    url = served_repo(git_server, tmp_path, files, "svc6")
+    events, comments = service.events(build_path(url, build_only="true"))
+    assert events[-1]["phase"] == "ready"
+    assert ":keepalive" in comments
+
+
+def test_operations_endpoints(service):
+    providers = requests.get(service.url + "/api/repoproviders", timeout=10).json()
+    assert {p["provider"] for p in providers} >= {"gh", "gl", "gist", "git"}
+    health = requests.get(service.url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["ok"] is True
+    assert "binderbox" in requests.get(service.url + "/versions", timeout=10).json()["binderhub"]
+    legacy = requests.get(
+        service.url + "/repo/org/project?urlpath=lab", allow_redirects=False, timeout=10
+    )
+    assert legacy.status_code == 302
+    assert legacy.headers["location"] == "/v2/gh/org/project/HEAD?urlpath=lab"
+    page = requests.get(service.url + "/v2/gh/org/project/HEAD", timeout=10)
+    assert page.status_code == 200 and "EventSource" in page.text
+
+
+def test_health_is_503_when_docker_is_unreachable(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/binderbox-no-docker.sock")
+    svc = Service()
+    try:
+        response = requests.get(svc.url + "/health", timeout=30)
+    finally:
+        svc.stop()
+    assert response.status_code == 503
+    assert response.json()["checks"][0] == {
+        "service": "Docker",
+        "ok": False,
+        "message": response.json()["checks"][0]["message"],
+    }
+    assert time.monotonic()  # the request above returned: no hang

@@ -8,9 +8,10 @@ Measures, as the median of ``--repeat`` repetitions (default 3; ``--quick`` is o
 (b) ``binderbox build`` of the same repository after editing only its notebook (warm);
 (c) ``binderbox build`` of a different repository (other folder, other notebook, the same
     requirements.txt) (warm);
-(d) baseline: a hand-written Dockerfile FROM the same base image that creates a venv,
-    ``pip install --no-cache-dir`` the Jupyter server stack plus ``-r requirements.txt``
-    and then ``COPY . .``, built with ``docker build --no-cache`` after the same prune.
+(d) baseline: a hand-written Dockerfile FROM the same base image (which holds the
+    Jupyter server stack in /srv/venv, as binderbox's builds start from it too) that runs
+    ``pip install --no-cache-dir -r requirements.txt`` into that venv and then
+    ``COPY . .``, built with ``docker build --no-cache`` after the same prune.
 
 Times are the wall clock (time.monotonic) around the ``binderbox build`` command, or
 around ``docker build`` for (d). Images and temporary folders the script made are removed
@@ -80,9 +81,8 @@ ENV VIRTUAL_ENV=/srv/venv \\
 COPY requirements.txt /tmp/requirements.txt
 # The host CA bundle is mounted for this step only (it is not in the context or image).
 RUN --mount=type=secret,id=ca,target=/tmp/ca.crt \\
-    python3 -m venv /srv/venv \\
-    && PIP_CERT=/tmp/ca.crt pip install --no-cache-dir --disable-pip-version-check \\
-       {server_stack} -r /tmp/requirements.txt
+    PIP_CERT=/tmp/ca.crt pip install --no-cache-dir --disable-pip-version-check \\
+       -r /tmp/requirements.txt
 WORKDIR /srv/repo
 COPY . .
 EXPOSE 8888

@@ -317,3 +317,8 @@ def test_every_run_has_a_described_step(plan, options):
         assert step.description.strip()
         assert step.marker
         assert step.marker in run
+
+
+def test_repository_packages_are_compiled_only_on_request():
+    assert "UV_COMPILE_BYTECODE=0" in dockerfile()
+    assert "UV_COMPILE_BYTECODE=1" in dockerfile(compile_bytecode=True)

@@ -207,6 +207,7 @@ def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str
             appendix=options["appendix"],
             with_ca_bundle=bool(settings.ca_bundle),
             cran_mirror=settings.cran_mirror,
+            compile_bytecode=settings.compile_bytecode,
         ),
     )
     click.echo(recipe.dockerfile, nl=False)

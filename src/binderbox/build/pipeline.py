@@ -51,6 +51,8 @@ class BuildRequest:
             chosen["base_image"] = settings.base_image
         if settings.cran_mirror:
             chosen["cran_mirror"] = settings.cran_mirror
+        if settings.compile_bytecode:
+            chosen["compile_bytecode"] = True
         return chosen
 
 
@@ -156,6 +158,7 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 appendix=request.appendix,
                 with_ca_bundle=bool(settings.ca_bundle),
                 cran_mirror=settings.cran_mirror,
+                compile_bytecode=settings.compile_bytecode,
             )
             recipe = render(plan, options)
             support = context / SUPPORT_IN_CONTEXT

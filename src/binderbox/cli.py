@@ -272,6 +272,23 @@ def run(
     _guarded(out, action)
 
 
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8585).")
+@click.option("--config", "config_file", default=None, help="Settings TOML file.")
+def serve(host: str | None, port: int | None, config_file: str | None) -> None:
+    """Run the Binder service: share links, /build, and sessions in JupyterHub."""
+    out = Output()
+
+    def action() -> None:
+        from binderbox.service.serve import serve as run_service
+
+        settings = _settings(config_file, service_host=host, service_port=port)
+        run_service(settings, lambda message: out(Event("built", message)))
+
+    _guarded(out, action)
+
+
 def _image_env(client: Any, image: str) -> dict[str, str]:
     config = client.images.get(image).attrs.get("Config") or {}
     return dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)

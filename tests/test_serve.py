@@ -1,0 +1,193 @@
+"""`binderbox serve` end to end: the real command with JupyterHub, the proxy, dockerd and a
+git daemon on 127.0.0.1; a launch ends in a JupyterLab server that runs code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import docker
+import pytest
+import requests
+import websocket
+from tests.conftest import BINDERBOX, binderbox, commit_all, free_port
+
+from binderbox.config import Settings
+from binderbox.launch.proxy import ensure_proxy
+
+pytestmark = pytest.mark.docker
+
+
+class Served:
+    def __init__(self, process: subprocess.Popen, url: str, env: dict[str, str], prefix: str):
+        self.process, self.url, self.env, self.prefix = process, url, env, prefix
+
+    def stream(self, path: str) -> list[dict]:
+        response = requests.get(
+            self.url + path, headers={"Accept": "text/event-stream"}, stream=True, timeout=900
+        )
+        events = []
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if events[-1]["phase"] in {"ready", "failed"}:
+                    break
+        response.close()
+        return events
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(url + "/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, base_image) -> Iterator[Served]:
+    prefix = f"binderbox-serve-{uuid.uuid4().hex[:6]}-"
+    port = free_port()
+    env = {
+        "BINDERBOX_STATE_DIR": str(tmp_path_factory.mktemp("serve-state")),
+        "BINDERBOX_SERVICE_PORT": str(port),
+        "BINDERBOX_SESSIONS_PORT": str(free_port()),
+        "BINDERBOX_HUB_PORT": str(free_port()),
+        "BINDERBOX_PROXY_API_PORT": str(free_port()),
+        "BINDERBOX_PROXY_COMMAND": str(ensure_proxy(Settings())),
+        "BINDERBOX_ALLOWED_HOSTS": "127.0.0.1",
+        "BINDERBOX_IMAGE_PREFIX": prefix,
+    }
+    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
+    process = subprocess.Popen(
+        [*BINDERBOX, "serve"],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(url) or process.poll() is not None, 120, "serve answering")
+        assert process.poll() is None, Path(log.name).read_text()
+        yield Served(process, url, env, prefix)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+        log.close()
+        client = docker.from_env()
+        for image in client.images.list():
+            for tag in image.tags:
+                if tag.startswith(prefix):
+                    client.images.remove(tag, force=True)
+
+
+def run_code(url: str, token: str, code: str) -> str:
+    auth = {"Authorization": f"token {token}"}
+    kernel = requests.post(f"{url}api/kernels", headers=auth, json={}, timeout=60)
+    assert kernel.status_code == 201, kernel.text
+    ws = websocket.create_connection(
+        f"{url.replace('http://', 'ws://', 1)}api/kernels/{kernel.json()['id']}/channels"
+        f"?token={token}",
+        timeout=60,
+    )
+    msg_id = uuid.uuid4().hex
+    ws.send(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "msg_type": "execute_request",
+                    "session": uuid.uuid4().hex,
+                    "username": "test",
+                    "version": "5.3",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "content": {"code": code, "silent": False, "allow_stdin": False},
+                "channel": "shell",
+                "buffers": [],
+            }
+        )
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            message = json.loads(ws.recv())
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            assert message["msg_type"] != "error", message["content"]
+            if message["msg_type"] == "stream":
+                return message["content"]["text"]
+        raise AssertionError("the kernel printed nothing within 60 s")
+    finally:
+        ws.close()
+
+
+def served_repo(git_server, tmp_path: Path, name: str) -> str:
+    work = tmp_path / name
+    work.mkdir()
+    (work / "requirements.txt").write_text("six==1.16.0\n")
+    (work / "index.ipynb").write_text("{}")
+    commit_all(work)
+    return git_server.publish(work, f"{name}.git")
+
+
+def test_a_launch_ends_in_a_server_that_runs_code(served, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, "launchme")
+    path = f"/build/git/{quote(url, safe='')}/main"
+    events = served.stream(path)
+    phases = [e["phase"] for e in events]
+    assert phases[-1] == "ready", events[-1]
+    order = ["fetching", "building", "built", "launching", "ready"]
+    assert [p for p in dict.fromkeys(phases) if p in order] == order
+    ready = events[-1]
+    assert ready["url"].endswith("/") and ready["token"]
+    assert ready["image"].startswith(served.prefix)
+    status = requests.get(f"{ready['url']}api/status", params={"token": ready["token"]}, timeout=30)
+    assert status.status_code == 200
+    assert run_code(ready["url"], ready["token"], "import six; print(6*7)").strip() == "42"
+
+    # The same commit again: the image is reused, only the launch happens.
+    began = time.monotonic()
+    again = served.stream(path)
+    assert [e["phase"] for e in again][-1] == "ready"
+    assert "building" not in [e["phase"] for e in again]
+    assert time.monotonic() - began < 60
+    assert again[-1]["url"] != ready["url"]  # a new throwaway user
+
+
+def test_a_second_serve_is_refused(served):
+    result = binderbox("serve", env=served.env, timeout=120)
+    assert result.code == 1
+    assert "already" in result.stderr
+
+
+def test_ctrl_c_stops_everything(served):
+    client = docker.from_env()
+    served.process.send_signal(signal.SIGINT)
+    served.process.wait(timeout=90)
+    assert served.process.returncode == 0
+    assert not healthy(served.url)
+    leftovers = [
+        c
+        for c in client.containers.list(all=True)
+        if c.image.tags and c.image.tags[0].startswith(served.prefix)
+    ]
+    assert leftovers == []

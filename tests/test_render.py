@@ -234,7 +234,7 @@ def test_entrypoint_uses_tini_and_the_entrypoint_script():
     assert lines[-2] == (
         'ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/usr/local/bin/binderbox-entrypoint"]'
     )
-    assert lines[-1] == 'CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888"]'
+    assert lines[-1] == 'CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser"]'
     assert "COPY binderbox/entrypoint /usr/local/bin/binderbox-entrypoint" in lines
     assert recipe.support_files == {"entrypoint": ENTRYPOINT_SCRIPT}
     assert ENTRYPOINT_SCRIPT.rstrip().endswith('exec "$@"')

@@ -72,6 +72,7 @@ def served(tmp_path_factory, base_image) -> Iterator[Served]:
         "BINDERBOX_PROXY_COMMAND": str(ensure_proxy(Settings())),
         "BINDERBOX_ALLOWED_HOSTS": "127.0.0.1",
         "BINDERBOX_IMAGE_PREFIX": prefix,
+        "BINDERBOX_LAUNCH_EVENTS_FILE": str(tmp_path_factory.mktemp("events") / "events.jsonl"),
     }
     log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
     process = subprocess.Popen(
@@ -171,6 +172,23 @@ def test_a_launch_ends_in_a_server_that_runs_code(served, git_server, tmp_path):
     assert "building" not in [e["phase"] for e in again]
     assert time.monotonic() - began < 60
     assert again[-1]["url"] != ready["url"]  # a new throwaway user
+
+    # Each launch is in the archive, in mybinder.org's shape: minutes only, no addresses.
+    lines = Path(served.env["BINDERBOX_LAUNCH_EVENTS_FILE"]).read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert len(events) == 2
+    commit = ready["binder_persistent_request"].rsplit("/", 1)[1]
+    assert events[0] == {
+        "timestamp": events[0]["timestamp"],
+        "schema": "binderhub.jupyter.org/launch",
+        "version": 3,
+        "provider": "Git",
+        "spec": f"{quote(url, safe='')}/main",
+        "ref": commit,
+        "status": "success",
+        "origin": served.url.removeprefix("http://"),
+    }
+    assert events[0]["timestamp"].endswith(":00")
 
 
 def test_a_second_serve_is_refused(served):

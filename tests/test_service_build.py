@@ -59,9 +59,14 @@ class Service:
 
 
 @pytest.fixture
-def service(base_image, built_images):
+def service(base_image, built_images, tmp_path):
     prefix = f"binderbox-svc-{uuid.uuid4().hex[:6]}-"
-    svc = Service(image_prefix=prefix, allowed_hosts="127.0.0.1", build_only_enabled=True)
+    svc = Service(
+        image_prefix=prefix,
+        allowed_hosts="127.0.0.1",
+        build_only_enabled=True,
+        launch_events_file=str(tmp_path / "events.jsonl"),
+    )
     yield svc
     svc.stop()
     import docker
@@ -192,6 +197,28 @@ def test_keepalive_comments_during_a_long_build(service, git_server, tmp_path):
     events, comments = service.events(build_path(url, build_only="true"))
     assert events[-1]["phase"] == "ready"
     assert ":keepalive" in comments
+
+
+def test_metrics_count_builds_and_launches(service, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, {"c.txt": "c"}, "svc7")
+    assert service.events(build_path(url, build_only="true"))[0][-1]["phase"] == "ready"
+    service.events(build_path(url, "no-such-branch"))
+    text = requests.get(service.url + "/metrics", timeout=10).text
+    assert 'binderbox_builds_total{status="success"} 1.0' in text
+    assert 'binderbox_launches_total{status="success"} 1.0' in text
+    assert 'binderbox_launches_total{status="failed"} 1.0' in text
+    assert "binderbox_build_duration_seconds_bucket" in text
+    assert "binderbox_build_queue_length 0.0" in text
+    # build_only launched nothing, so the launch-events archive has nothing yet.
+    assert not (tmp_path / "events.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["badge.svg", "badge_logo.svg"])
+def test_badges(service, name):
+    response = requests.get(f"{service.url}/{name}", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("image/svg+xml")
+    assert "launch" in response.text and "binder" in response.text
 
 
 def test_operations_endpoints(service):

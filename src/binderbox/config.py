@@ -98,6 +98,9 @@ class Settings:
     allowed_hosts: str = ""
     # Whether /build accepts ?build_only=true (build, launch nothing).
     build_only_enabled: bool = False
+    # Launch events, one JSON line each (mybinder.org archive shape); "" means
+    # <state_dir>/launch-events.jsonl.
+    launch_events_file: str = ""
     # Access-Control-Allow-Origin for the API and event stream ("" = no CORS header).
     cors_allow_origin: str = ""
     # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---

@@ -10,8 +10,10 @@ import asyncio
 import html
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import quote
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
@@ -28,8 +30,9 @@ from binderbox.build.engine import docker_client
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
-from binderbox.service.buildqueue import BuildQueue
+from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import Launcher, LaunchRequest, ServiceContext, launch_events
+from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS
 
 KEEPALIVE_SECONDS = 25.0
@@ -78,8 +81,22 @@ def create_app(
     keepalive: float = KEEPALIVE_SECONDS,
 ) -> Starlette:
     """The ASGI app for ``binderbox serve``."""
+    metrics = Metrics()
+
+    def build_finished(job: BuildJob, seconds: float) -> None:
+        status = "failure" if job.error else "success"
+        metrics.builds.labels(status).inc()
+        metrics.build_seconds.labels(status).observe(seconds)
+
+    events_file = settings.launch_events_file or str(
+        Path(settings.state_dir).expanduser() / "launch-events.jsonl"
+    )
     ctx = ServiceContext(
-        settings=settings, queue=BuildQueue(settings.build_concurrency), launcher=launcher
+        settings=settings,
+        queue=BuildQueue(settings.build_concurrency, build_finished),
+        launcher=launcher,
+        metrics=metrics,
+        events=LaunchEventLog(Path(events_file)),
     )
 
     def cors(response: Response) -> Response:
@@ -162,6 +179,17 @@ def create_app(
             target += "?" + request.url.query
         return RedirectResponse(target, status_code=302)
 
+    async def metrics_page(request: Request) -> Response:
+        metrics.builds_running.set(ctx.queue.running)
+        metrics.build_queue.set(ctx.queue.waiting)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def badge(request: Request) -> Response:
+        svg = badge_svg(with_logo=request.url.path.endswith("_logo.svg"))
+        return cors(
+            Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+        )
+
     async def launch_page(request: Request) -> Response:
         provider, spec = raw_spec(request, "/v2/")
         return HTMLResponse(_launch_page(provider, spec))
@@ -174,6 +202,9 @@ def create_app(
             Route("/api/repoproviders", repoproviders),
             Route("/health", health),
             Route("/versions", versions),
+            Route("/metrics", metrics_page),
+            Route("/badge.svg", badge),
+            Route("/badge_logo.svg", badge),
         ]
     )
 

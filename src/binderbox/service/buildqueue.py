@@ -46,10 +46,14 @@ class BuildJob:
 class BuildQueue:
     """Runs at most ``limit`` builds at once; identical requests share one build."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, on_finish: Callable[[BuildJob, float], None] = lambda job, s: None
+    ) -> None:
         if limit < 1:
             raise ValueError("the build limit must be at least 1")
         self.limit = limit
+        # Told about every finished build and how long it ran (for metrics).
+        self.on_finish = on_finish
         self._slots = asyncio.Semaphore(limit)
         self._jobs: dict[str, BuildJob] = {}
         self._waiting: list[BuildJob] = []
@@ -82,6 +86,7 @@ class BuildQueue:
             self._waiting.remove(job)
             self._announce_positions()
             self.running += 1
+            began = time.monotonic()
             try:
                 job.result = await asyncio.to_thread(
                     build, lambda event: loop.call_soon_threadsafe(job.add, event)
@@ -98,6 +103,7 @@ class BuildQueue:
                 await asyncio.sleep(0)
                 job.done = True
                 job.notify()
+                self.on_finish(job, time.monotonic() - began)
 
     def _announce_positions(self) -> None:
         for position, job in enumerate(self._waiting, start=1):

@@ -7,9 +7,11 @@ yields the events the /build stream sends. Errors become one ``failed`` event.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from binderbox.build.engine import DockerEngine
 from binderbox.build.pipeline import BuildRequest, build_repository
@@ -20,6 +22,7 @@ from binderbox.naming import image_name_for
 from binderbox.providers.git import GitSource
 from binderbox.providers.hosts import check_remote_url
 from binderbox.service.buildqueue import BuildQueue, follow
+from binderbox.service.observe import LaunchEventLog, Metrics
 from binderbox.service.specs import RepoSpec, parse_spec
 
 
@@ -45,6 +48,8 @@ class ServiceContext:
     settings: Settings
     queue: BuildQueue
     launcher: Launcher | None
+    metrics: Metrics = field(default_factory=Metrics)
+    events: LaunchEventLog | None = None
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,23 @@ def binder_fields(request: LaunchRequest, resolved: ResolvedLaunch) -> dict[str,
 
 async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIterator[Event]:
     """The whole launch as events; always ends with ``ready`` or ``failed``."""
+    metrics = ctx.metrics
+    started = time.monotonic()
+    resolved: list[ResolvedLaunch] = []
+    status = "failed"
+    metrics.launches_in_progress.inc()
     try:
-        async for event in _launch(request, ctx):
+        async for event in _launch(request, ctx, resolved):
+            if event.phase == "ready":
+                status = "success"
+                if ctx.events and not request.build_only and resolved:
+                    await asyncio.to_thread(
+                        ctx.events.record,
+                        request.provider,
+                        request.spec,
+                        resolved[0].commit,
+                        urlsplit(request.launch_host).netloc,
+                    )
             yield event
     except BinderboxError as error:
         fields = {"log_tail": error.log_tail} if error.log_tail else {}
@@ -101,12 +121,19 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
         if error.log_tail:
             message += "\n\nThe last lines of the build log:\n" + error.log_tail
         yield Event("failed", message, fields)
+    finally:
+        metrics.launches_in_progress.dec()
+        metrics.launches.labels(status).inc()
+        metrics.launch_seconds.labels(status).observe(time.monotonic() - started)
 
 
-async def _launch(request: LaunchRequest, ctx: ServiceContext) -> AsyncIterator[Event]:
+async def _launch(
+    request: LaunchRequest, ctx: ServiceContext, found: list[ResolvedLaunch]
+) -> AsyncIterator[Event]:
     settings = ctx.settings
     yield Event("fetching", f"Resolving {request.provider}/{request.spec}")
     resolved = await asyncio.to_thread(resolve_launch, request.provider, request.spec, settings)
+    found.append(resolved)
     engine = await asyncio.to_thread(DockerEngine.connect, settings.docker_cli)
     image = resolved.image
     fields = binder_fields(request, resolved)

@@ -72,6 +72,7 @@ def served(tmp_path_factory, base_image) -> Iterator[Served]:
         "BINDERBOX_PROXY_COMMAND": str(ensure_proxy(Settings())),
         "BINDERBOX_ALLOWED_HOSTS": "127.0.0.1",
         "BINDERBOX_IMAGE_PREFIX": prefix,
+        "BINDERBOX_PER_REPO_QUOTA": "2",
         "BINDERBOX_LAUNCH_EVENTS_FILE": str(tmp_path_factory.mktemp("events") / "events.jsonl"),
     }
     log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
@@ -189,6 +190,11 @@ def test_a_launch_ends_in_a_server_that_runs_code(served, git_server, tmp_path):
         "origin": served.url.removeprefix("http://"),
     }
     assert events[0]["timestamp"].endswith(":00")
+
+    # Two sessions of this repository run now, the quota: a third is refused.
+    refused = served.stream(path)
+    assert [e["phase"] for e in refused][-1] == "failed"
+    assert "Too many users running" in refused[-1]["message"]
 
 
 def test_a_second_serve_is_refused(served):

@@ -221,6 +221,47 @@ def test_badges(service, name):
     assert "launch" in response.text and "binder" in response.text
 
 
+def test_rate_limit_per_address(base_image):
+    limited = Service(rate_limit_per_minute=2)
+    try:
+        codes = []
+        for _ in range(3):
+            response = requests.get(
+                limited.url + "/build/gh/org/repo/..bad",
+                headers={"Accept": "text/event-stream"},
+                timeout=30,
+            )
+            codes.append(response.status_code)
+            last = response.text
+    finally:
+        limited.stop()
+    assert codes == [200, 200, 429]
+    event = json.loads(last.removeprefix("data: "))
+    assert event["phase"] == "failed" and "Too many launch requests" in event["message"]
+
+
+def test_banned_network_and_spec(base_image):
+    banned = Service(banned_networks="127.0.0.0/8")
+    try:
+        response = requests.get(
+            banned.url + "/build/gh/org/repo/HEAD",
+            headers={"Accept": "text/event-stream"},
+            timeout=30,
+        )
+    finally:
+        banned.stop()
+    assert response.status_code == 403
+    assert json.loads(response.text.removeprefix("data: "))["phase"] == "failed"
+
+    spec_ban = Service(banned_specs="^gh/evil/")
+    try:
+        events, _ = spec_ban.events("/build/gh/evil/repo/HEAD")
+    finally:
+        spec_ban.stop()
+    assert [e["phase"] for e in events] == ["failed"]
+    assert "temporarily disabled" in events[0]["message"]
+
+
 def test_operations_endpoints(service):
     providers = requests.get(service.url + "/api/repoproviders", timeout=10).json()
     assert {p["provider"] for p in providers} >= {"gh", "gl", "gist", "git"}

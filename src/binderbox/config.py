@@ -98,6 +98,16 @@ class Settings:
     allowed_hosts: str = ""
     # Whether /build accepts ?build_only=true (build, launch nothing).
     build_only_enabled: bool = False
+    # Sessions at once for one repository, and in all (0: as many as the machine's memory
+    # holds at session_mem_guarantee each, keeping 2 GiB for everything else).
+    per_repo_quota: int = 100
+    total_quota: int = 0
+    # /build requests per minute from one address (0: no limit).
+    rate_limit_per_minute: int = 30
+    # Comma-separated regular expressions of "<provider>/<spec>" that may not launch.
+    banned_specs: str = ""
+    # Comma-separated networks (CIDR) whose requests are refused.
+    banned_networks: str = ""
     # Launch events, one JSON line each (mybinder.org archive shape); "" means
     # <state_dir>/launch-events.jsonl.
     launch_events_file: str = ""
@@ -190,6 +200,14 @@ def _validated(settings: Settings) -> Settings:
 _BYTES = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGT]?)")
 
 
+def size_in_bytes(text: str, name: str = "size") -> float:
+    """``512M``, ``2G``, … in bytes (powers of 1024); UsageError naming the setting."""
+    match = _BYTES.fullmatch(text)
+    if not match:
+        raise UsageError(f"Setting '{name}' must be a size such as 512M or 2G.")
+    return float(match[1]) * 1024 ** "_KMGT".index(match[2] or "_")
+
+
 def _validate_sessions(settings: Settings) -> None:
     for name in ("sessions_port", "hub_port", "proxy_api_port"):
         if not 0 < getattr(settings, name) < 65536:
@@ -199,10 +217,7 @@ def _validate_sessions(settings: Settings) -> None:
         raise UsageError("Settings 'sessions_port', 'hub_port' and 'proxy_api_port' must differ.")
     amounts = {}
     for name in ("session_mem_guarantee", "session_mem_limit"):
-        match = _BYTES.fullmatch(getattr(settings, name))
-        if not match:
-            raise UsageError(f"Setting '{name}' must be a size such as 512M or 2G.")
-        amounts[name] = float(match[1]) * 1024 ** "_KMGT".index(match[2] or "_")
+        amounts[name] = size_in_bytes(getattr(settings, name), name)
     if amounts["session_mem_guarantee"] > amounts["session_mem_limit"]:
         raise UsageError("Setting 'session_mem_guarantee' must not exceed 'session_mem_limit'.")
     for name in ("session_cpu_limit", "session_pids_limit", "session_start_timeout", "cull_every"):

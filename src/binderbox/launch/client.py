@@ -172,6 +172,19 @@ class HubClient:
             raise HubUnavailable(f"The hub's progress stream broke off: {error}") from None
         raise SpawnFailed("The hub stopped reporting progress before the server was ready.")
 
+    async def running_images(self) -> list[str]:
+        """The image of every server that runs or is starting (for quotas)."""
+        response = await self._request("GET", "/users?state=active")
+        if response.status_code != 200:
+            raise HubError(f"The hub did not list its users: {_reason(response)}")
+        images = []
+        for user in response.json():
+            for server in (user.get("servers") or {}).values():
+                image = (server.get("user_options") or {}).get("image")
+                if image:
+                    images.append(str(image))
+        return images
+
     async def server_url(self, name: str) -> str:
         """The public URL of ``name``'s running server, ending in ``/``."""
         user = await self.get_user(name)

@@ -106,6 +106,9 @@ class HubLauncher:
     async def healthy(self) -> bool:
         return await self.client.healthy()
 
+    async def running_images(self) -> list[str]:
+        return await self.client.running_images()
+
     async def launch(
         self, image: str, binder_env: Mapping[str, str] | None = None
     ) -> AsyncIterator[Event]:

@@ -32,6 +32,7 @@ from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import Launcher, LaunchRequest, ServiceContext, launch_events
+from binderbox.service.limits import Limits, RateLimiter
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS
 
@@ -97,7 +98,13 @@ def create_app(
         launcher=launcher,
         metrics=metrics,
         events=LaunchEventLog(Path(events_file)),
+        limits=Limits.from_settings(settings),
     )
+    rate = RateLimiter(settings.rate_limit_per_minute)
+
+    def refuse(message: str, status: int) -> Response:
+        event = Event("failed", message, {"status_code": status})
+        return cors(Response(sse(event), status_code=status, media_type="text/event-stream"))
 
     def cors(response: Response) -> Response:
         if settings.cors_allow_origin:
@@ -113,6 +120,15 @@ def create_app(
                 {"status_code": 400},
             )
             return cors(Response(sse(event), status_code=400, media_type="text/event-stream"))
+        address = request.client.host if request.client else ""
+        if ctx.limits.address_banned(address):
+            return refuse("Requests from your network are not accepted here.", 403)
+        wait = rate.retry_after(address)
+        if wait:
+            return refuse(
+                f"Too many launch requests from your address; try again in {wait:.0f} seconds.",
+                429,
+            )
         build_only = request.query_params.get("build_only", "").lower() == "true"
         if build_only and not settings.build_only_enabled:
             event = Event("failed", "build_only is not enabled on this binderbox.", {})

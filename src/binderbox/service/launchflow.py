@@ -22,6 +22,7 @@ from binderbox.naming import image_name_for
 from binderbox.providers.git import GitSource
 from binderbox.providers.hosts import check_remote_url
 from binderbox.service.buildqueue import BuildQueue, follow
+from binderbox.service.limits import Limits
 from binderbox.service.observe import LaunchEventLog, Metrics
 from binderbox.service.specs import RepoSpec, parse_spec
 
@@ -32,6 +33,8 @@ class Launcher(Protocol):
     def launch(self, image: str, binder_env: dict[str, str]) -> AsyncIterator[Event]: ...
 
     async def healthy(self) -> bool: ...
+
+    async def running_images(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ServiceContext:
     launcher: Launcher | None
     metrics: Metrics = field(default_factory=Metrics)
     events: LaunchEventLog | None = None
+    limits: Limits | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ async def _launch(
     request: LaunchRequest, ctx: ServiceContext, found: list[ResolvedLaunch]
 ) -> AsyncIterator[Event]:
     settings = ctx.settings
+    if ctx.limits:
+        ctx.limits.check_spec(request.provider, request.spec)
     yield Event("fetching", f"Resolving {request.provider}/{request.spec}")
     resolved = await asyncio.to_thread(resolve_launch, request.provider, request.spec, settings)
     found.append(resolved)
@@ -158,6 +164,8 @@ async def _launch(
         return
     if ctx.launcher is None:
         raise BinderboxError("This binderbox only builds images; launching is not enabled.")
+    if ctx.limits:
+        ctx.limits.check_quota(image, await ctx.launcher.running_images(), request.spec)
     async for event in ctx.launcher.launch(image, fields):
         if event.phase == "ready":
             yield Event("ready", event.message, {**event.fields, "image": image, **fields})

@@ -4,10 +4,12 @@ git daemon on 127.0.0.1 (build_only: launching sessions is tested with JupyterHu
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -17,12 +19,15 @@ from tests.conftest import commit_all, free_port, wait_for_port
 
 from binderbox.config import load_settings
 from binderbox.service.app import create_app
+from binderbox.store import BuildStore
 
 pytestmark = pytest.mark.docker
 
 
 class Service:
     def __init__(self, **overrides):
+        overrides.setdefault("state_dir", tempfile.mkdtemp(prefix="binderbox-svc-state-"))
+        self.state_dir = overrides["state_dir"]
         settings = load_settings(environ={}).with_overrides(**overrides)
         self.port = free_port()
         config = uvicorn.Config(
@@ -163,6 +168,41 @@ def test_failing_repository_reports_the_cause_and_the_log(service, git_server, t
     assert "postBuild" in failed["message"] and "code 4" in failed["message"]
     assert "about-to-fail" in failed["log_tail"]
     assert "ready" not in phases(events)
+    # The whole log stays at a stable address.
+    log_url = failed["message"].rsplit("The whole log: ", 1)[1].split()[0]
+    assert log_url.startswith(service.url + "/logs/")
+    log = requests.get(log_url, timeout=10)
+    assert log.status_code == 200
+    assert "status: failed" in log.text and "about-to-fail" in log.text
+
+
+def test_build_records_and_logs_survive_a_restart(base_image, git_server, tmp_path):
+    url = served_repo(git_server, tmp_path, {"d.txt": "d"}, "svc8")
+    state = str(tmp_path / "state")
+    first = Service(state_dir=state, allowed_hosts="127.0.0.1", build_only_enabled=True)
+    try:
+        events, _ = first.events(build_path(url, build_only="true"))
+    finally:
+        first.stop()
+    built = next(e for e in events if e["phase"] == "built")
+    # A build that was running when the service stopped can never finish.
+    store = BuildStore(Path(state) / "binderbox.sqlite")
+    stale = store.start("binderbox-x:1", "git://example.org/x", "main")
+    store.append(stale, "half way")
+    store.close()
+
+    second = Service(state_dir=state)
+    try:
+        kept = requests.get(f"{second.url}/logs/{built['build_id']}", timeout=10)
+        interrupted = requests.get(f"{second.url}/logs/{stale}", timeout=10)
+        missing = requests.get(f"{second.url}/logs/{'0' * 32}", timeout=10)
+    finally:
+        second.stop()
+    assert kept.status_code == 200 and "status: success" in kept.text
+    assert "#" in kept.text  # BuildKit's log lines are there
+    assert "status: failed (binderbox was restarted" in interrupted.text
+    assert "half way" in interrupted.text
+    assert missing.status_code == 404
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
     JSONResponse,
+    PlainTextResponse,
     RedirectResponse,
     Response,
     StreamingResponse,
@@ -35,6 +36,7 @@ from binderbox.service.launchflow import Launcher, LaunchRequest, ServiceContext
 from binderbox.service.limits import Limits, RateLimiter
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS
+from binderbox.store import BuildStore
 
 KEEPALIVE_SECONDS = 25.0
 
@@ -92,9 +94,11 @@ def create_app(
     events_file = settings.launch_events_file or str(
         Path(settings.state_dir).expanduser() / "launch-events.jsonl"
     )
+    store = BuildStore(Path(settings.state_dir).expanduser() / "binderbox.sqlite")
+    store.interrupted()  # builds a previous run left unfinished can never finish now
     ctx = ServiceContext(
         settings=settings,
-        queue=BuildQueue(settings.build_concurrency, build_finished),
+        queue=BuildQueue(settings.build_concurrency, build_finished, store),
         launcher=launcher,
         metrics=metrics,
         events=LaunchEventLog(Path(events_file)),
@@ -206,6 +210,21 @@ def create_app(
             Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
         )
 
+    async def build_log(request: Request) -> Response:
+        build_id = request.path_params["build_id"]
+        record = await asyncio.to_thread(store.get, build_id) if build_id.isalnum() else None
+        if record is None:
+            return PlainTextResponse("There is no build with that id.\n", status_code=404)
+        lines = await asyncio.to_thread(store.log, build_id)
+        head = [
+            f"build {record.id}",
+            f"repository: {record.repo_url} at {record.ref}",
+            f"image: {record.image}",
+            f"status: {record.status}" + (f" ({record.message})" if record.message else ""),
+            "",
+        ]
+        return cors(PlainTextResponse("\n".join(head + lines) + "\n"))
+
     async def launch_page(request: Request) -> Response:
         provider, spec = raw_spec(request, "/v2/")
         return HTMLResponse(_launch_page(provider, spec))
@@ -219,6 +238,7 @@ def create_app(
             Route("/health", health),
             Route("/versions", versions),
             Route("/metrics", metrics_page),
+            Route("/logs/{build_id}", build_log),
             Route("/badge.svg", badge),
             Route("/badge_logo.svg", badge),
         ]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from binderbox.build.pipeline import BuildResult
 from binderbox.errors import BinderboxError
 from binderbox.events import Emit, Event
+from binderbox.store import BuildStore
 
 BuildFunction = Callable[[Emit], BuildResult]
 
@@ -24,6 +25,8 @@ class BuildJob:
     """One build of one image, with everything it said so far."""
 
     image: str
+    # The build's id in the store ("" without one): its log is at /logs/<build_id>.
+    build_id: str = ""
     events: list[Event] = field(default_factory=list)
     result: BuildResult | None = None
     error: BinderboxError | None = None
@@ -47,13 +50,17 @@ class BuildQueue:
     """Runs at most ``limit`` builds at once; identical requests share one build."""
 
     def __init__(
-        self, limit: int, on_finish: Callable[[BuildJob, float], None] = lambda job, s: None
+        self,
+        limit: int,
+        on_finish: Callable[[BuildJob, float], None] = lambda job, s: None,
+        store: BuildStore | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("the build limit must be at least 1")
         self.limit = limit
         # Told about every finished build and how long it ran (for metrics).
         self.on_finish = on_finish
+        self.store = store
         self._slots = asyncio.Semaphore(limit)
         self._jobs: dict[str, BuildJob] = {}
         self._waiting: list[BuildJob] = []
@@ -68,12 +75,16 @@ class BuildQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, image: str, build: BuildFunction) -> tuple[BuildJob, bool]:
+    def submit(
+        self, image: str, build: BuildFunction, repo_url: str = "", ref: str = ""
+    ) -> tuple[BuildJob, bool]:
         """The build of ``image``: the running one, or a new one. True when new."""
         existing = self.job(image)
         if existing:
             return existing, False
         job = BuildJob(image)
+        if self.store:
+            job.build_id = self.store.start(image, repo_url, ref)
         self._jobs[image] = job
         self._waiting.append(job)
         self._announce_positions()
@@ -87,10 +98,15 @@ class BuildQueue:
             self._announce_positions()
             self.running += 1
             began = time.monotonic()
+            store = self.store
+
+            def emit(event: Event) -> None:  # runs in the build's worker thread
+                if store and job.build_id:
+                    store.append(job.build_id, event.message)
+                loop.call_soon_threadsafe(job.add, event)
+
             try:
-                job.result = await asyncio.to_thread(
-                    build, lambda event: loop.call_soon_threadsafe(job.add, event)
-                )
+                job.result = await asyncio.to_thread(build, emit)
             except BinderboxError as error:
                 job.error = error
             except Exception as error:  # a bug must still end the stream with a reason
@@ -101,6 +117,10 @@ class BuildQueue:
                 self.running -= 1
                 # Let events already scheduled by the worker thread land first.
                 await asyncio.sleep(0)
+                if store and job.build_id:
+                    status = "failed" if job.error else "success"
+                    message = job.error.message if job.error else ""
+                    await asyncio.to_thread(store.finish, job.build_id, status, message)
                 job.done = True
                 job.notify()
                 self.on_finish(job, time.monotonic() - began)

@@ -148,14 +148,28 @@ async def _launch(
         yield Event("built", "Found a built image for this commit, launching.", {"image": image})
     else:
         build = BuildRequest(source=resolved.source)
-        job, _ = ctx.queue.submit(image, lambda emit: build_repository(build, settings, emit))
+        job, _ = ctx.queue.submit(
+            image,
+            lambda emit: build_repository(build, settings, emit),
+            resolved.spec.repo_url,
+            resolved.commit,
+        )
         async for event in follow(job):
             if event.phase == "built":
                 continue  # said once below, after the build really ended
             yield event
         if job.error:
-            raise job.error
-        yield Event("built", f"Built {image}.", {"image": image})
+            if not job.build_id:
+                raise job.error
+            raise BinderboxError(
+                f"{job.error.message} The whole log: {request.launch_host}logs/{job.build_id}",
+                log_tail=job.error.log_tail,
+            )
+        fields_built = {"image": image}
+        if job.build_id:
+            fields_built["build_id"] = job.build_id
+            fields_built["log_url"] = f"{request.launch_host}logs/{job.build_id}"
+        yield Event("built", f"Built {image}.", fields_built)
 
     if request.build_only:
         yield Event(

@@ -1,0 +1,116 @@
+"""SQLite state: builds and their logs, kept across restarts of the service.
+
+One small interface (``BuildStore``) so a deployment on many machines can put Postgres
+behind the same methods later.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS builds (
+    id TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    repo_url TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    status TEXT NOT NULL,          -- running, success, failed
+    message TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS build_log (
+    build_id TEXT NOT NULL REFERENCES builds(id),
+    seq INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (build_id, seq)
+);
+"""
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    id: str
+    image: str
+    repo_url: str
+    ref: str
+    status: str
+    message: str
+    started: float
+    finished: float | None
+
+
+class BuildStore:
+    """Builds and their log lines in one SQLite file; safe to use from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._next_seq: dict[str, int] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def start(self, image: str, repo_url: str, ref: str) -> str:
+        build_id = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO builds (id, image, repo_url, ref, status, started)"
+                " VALUES (?, ?, ?, ?, 'running', ?)",
+                (build_id, image, repo_url, ref, time.time()),
+            )
+            self._next_seq[build_id] = 0
+        return build_id
+
+    def append(self, build_id: str, line: str) -> None:
+        with self._lock:
+            seq = self._next_seq.get(build_id, 0)
+            self._db.execute(
+                "INSERT INTO build_log (build_id, seq, line) VALUES (?, ?, ?)",
+                (build_id, seq, line),
+            )
+            self._next_seq[build_id] = seq + 1
+
+    def finish(self, build_id: str, status: str, message: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE builds SET status = ?, message = ?, finished = ? WHERE id = ?",
+                (status, message, time.time(), build_id),
+            )
+            self._next_seq.pop(build_id, None)
+
+    def interrupted(self) -> int:
+        """Mark builds left running by an earlier process as failed; return how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE builds SET status = 'failed', finished = ?,"
+                " message = 'binderbox was restarted while this build ran; launch again.'"
+                " WHERE status = 'running'",
+                (time.time(),),
+            )
+            return cursor.rowcount
+
+    def get(self, build_id: str) -> BuildRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, image, repo_url, ref, status, message, started, finished"
+                " FROM builds WHERE id = ?",
+                (build_id,),
+            ).fetchone()
+        return BuildRecord(*row) if row else None
+
+    def log(self, build_id: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT line FROM build_log WHERE build_id = ? ORDER BY seq", (build_id,)
+            ).fetchall()
+        return [row[0] for row in rows]

@@ -96,6 +96,9 @@ class Settings:
     # Hosts (comma-separated, "host" or "host:port") that may be fetched from although
     # they are on a local or private network.
     allowed_hosts: str = ""
+    # Check every host a repository or record is fetched from (the service turns this on:
+    # anonymous users choose those URLs); allowed_hosts are the exceptions.
+    check_remote_hosts: bool = False
     # Whether /build accepts ?build_only=true (build, launch nothing).
     build_only_enabled: bool = False
     # Sessions at once for one repository, and in all (0: as many as the machine's memory

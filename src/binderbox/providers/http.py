@@ -15,6 +15,7 @@ from binderbox import __version__
 from binderbox.config import Settings
 from binderbox.errors import SourceError, UsageError
 from binderbox.providers.archive import Budget
+from binderbox.providers.hosts import check_remote_url
 
 USER_AGENT = f"binderbox/{__version__} (repository-to-image builder)"
 # Connecting should be quick; a slow server may pause a while between chunks.
@@ -44,12 +45,23 @@ class Http:
     messages ("the Zenodo record 3242074")."""
 
     def __init__(self, settings: Settings) -> None:
+        hooks = {}
+        if settings.check_remote_hosts:
+            allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+
+            def check(request: httpx.Request) -> None:
+                # Every request, redirects included: a public record may not lead us into
+                # this machine's own network.
+                check_remote_url(str(request.url), allowed)
+
+            hooks["request"] = [check]
         self._client = httpx.Client(
             headers={"User-Agent": USER_AGENT},
             timeout=TIMEOUT,
             verify=_tls(settings),
             follow_redirects=True,
             max_redirects=MAX_REDIRECTS,
+            event_hooks=hooks,
         )
 
     def __enter__(self) -> Http:

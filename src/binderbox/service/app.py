@@ -31,6 +31,7 @@ from binderbox.build.engine import docker_client
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
+from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import Launcher, LaunchRequest, ServiceContext, launch_events
 from binderbox.service.limits import Limits, RateLimiter
@@ -164,6 +165,16 @@ def create_app(
                         "ref_label": p.ref_label,
                     }
                     for p in PROVIDERS.values()
+                ]
+                + [
+                    {
+                        "provider": name,
+                        "display_name": cls.label,
+                        "regex_detail": r"^(.+)$",
+                        "repo_label": f"{cls.label} DOI, address or id",
+                        "ref_label": "",
+                    }
+                    for name, cls in CONTENT_PROVIDERS.items()
                 ]
             )
         )

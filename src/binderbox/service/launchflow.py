@@ -19,6 +19,9 @@ from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.naming import image_name_for
+from binderbox.providers.base import Source
+from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
+from binderbox.providers.content import content_source
 from binderbox.providers.git import GitSource
 from binderbox.providers.hosts import check_remote_url
 from binderbox.service.buildqueue import BuildQueue, follow
@@ -59,7 +62,7 @@ class ServiceContext:
 @dataclass(frozen=True)
 class ResolvedLaunch:
     spec: RepoSpec
-    source: GitSource
+    source: Source
     commit: str
     image: str
 
@@ -70,6 +73,13 @@ def allowed_hosts(settings: Settings) -> list[str]:
 
 def resolve_launch(provider: str, spec: str, settings: Settings) -> ResolvedLaunch:
     """Parse and check the spec, resolve its ref to a commit and name the image (blocking)."""
+    if provider in CONTENT_PROVIDERS:
+        # Every request these make (DOI redirects, APIs, downloads) is host-checked.
+        source = content_source(provider, spec, settings.with_overrides(check_remote_hosts=True))
+        content_id = source.resolve()
+        image = image_name_for(settings.image_prefix, source.slug(), content_id, {})
+        record = RepoSpec(provider, source.repo_url, content_id)
+        return ResolvedLaunch(record, source, content_id, image)
     parsed = parse_spec(provider, spec)
     check_remote_url(parsed.repo_url, allowed_hosts(settings))
     source = GitSource(parsed.repo_url, parsed.ref)
@@ -87,6 +97,10 @@ def resolve_launch(provider: str, spec: str, settings: Settings) -> ResolvedLaun
 def binder_fields(request: LaunchRequest, resolved: ResolvedLaunch) -> dict[str, str]:
     """The binder_* fields of the ready event, also given to the session as BINDER_*."""
     spec = resolved.spec
+    # A record's spec already names one version; a git spec gets its commit.
+    persistent = (
+        request.spec if spec.provider in CONTENT_PROVIDERS else spec.persistent(resolved.commit)
+    )
     ref_url = spec.repo_url
     if spec.provider in {"gh", "gl"}:
         ref_url = f"{spec.repo_url}/tree/{resolved.commit}"
@@ -95,7 +109,7 @@ def binder_fields(request: LaunchRequest, resolved: ResolvedLaunch) -> dict[str,
         "binder_ref_url": ref_url,
         "binder_launch_host": request.launch_host,
         "binder_request": f"v2/{request.provider}/{request.spec}",
-        "binder_persistent_request": f"v2/{request.provider}/{spec.persistent(resolved.commit)}",
+        "binder_persistent_request": f"v2/{request.provider}/{persistent}",
     }
 
 

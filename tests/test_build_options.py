@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import docker
 import pytest
 from tests.conftest import run_in_image
@@ -111,3 +113,16 @@ def test_malformed_key_value_is_refused(make_repo, build, flag):
     result = build(str(make_repo({"a.txt": "a"})), flag, "NOEQUALS")
     assert result.code == 1
     assert result.failure["message"] == f"{flag} 'NOEQUALS' is not KEY=VALUE."
+
+
+def test_a_build_that_runs_too_long_is_stopped_with_a_message(make_repo, base_image):
+    from tests.conftest import binderbox
+
+    repo = make_repo({"postBuild": "#!/bin/sh\nsleep 120\n"})
+    began = time.monotonic()
+    result = binderbox("build", "--json-logs", str(repo), env={"BINDERBOX_BUILD_TIMEOUT": "5"})
+    assert result.code == 1
+    assert result.failure["message"] == (
+        "The build took longer than the limit of 5 seconds and was stopped."
+    )
+    assert time.monotonic() - began < 60

@@ -253,3 +253,9 @@ def test_python_range_nothing_fits():
 
 def test_shipped_python_with_fallback_fail_is_fine():
     assert choose_suite("3.13", Settings(ca_bundle="", python_fallback="fail")) == ("trixie", "")
+
+
+@pytest.mark.parametrize("prefix", ["Binder-", "-x", "has space", "a:b"])
+def test_image_prefix_must_make_valid_image_names(prefix):
+    with pytest.raises(UsageError, match="image_prefix"):
+        load_settings(environ={"BINDERBOX_IMAGE_PREFIX": prefix})

@@ -331,3 +331,31 @@ def test_health_is_503_when_docker_is_unreachable(monkeypatch):
         "message": response.json()["checks"][0]["message"],
     }
     assert time.monotonic()  # the request above returned: no hang
+
+
+def test_a_resolved_branch_is_reused_briefly(service, git_server, tmp_path):
+    work = tmp_path / "svc9"
+    work.mkdir()
+    (work / "a.txt").write_text("first")
+    first_commit = commit_all(work)
+    url = git_server.publish(work, "svc9.git")
+    first, _ = service.events(build_path(url, build_only="true"))
+    (work / "a.txt").write_text("second")
+    commit_all(work)
+    git_server.publish(work, "svc9.git")
+    # Within ref_cache_seconds the branch still means the commit resolved a moment ago.
+    again, _ = service.events(build_path(url, build_only="true"))
+    assert first[-1]["image"] == again[-1]["image"]
+    assert first[-1]["binder_persistent_request"].endswith(first_commit)
+
+    fresh = Service(
+        allowed_hosts="127.0.0.1",
+        build_only_enabled=True,
+        ref_cache_seconds=0,
+        image_prefix=first[-1]["image"].split("127-0-0-1")[0],
+    )
+    try:
+        latest, _ = fresh.events(build_path(url, build_only="true"))
+    finally:
+        fresh.stop()
+    assert latest[-1]["image"] != first[-1]["image"]

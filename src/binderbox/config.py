@@ -96,6 +96,8 @@ class Settings:
     # Hosts (comma-separated, "host" or "host:port") that may be fetched from although
     # they are on a local or private network.
     allowed_hosts: str = ""
+    # Seconds a resolved branch or tag is reused for further launches of the same link.
+    ref_cache_seconds: int = 60
     # Check every host a repository or record is fetched from (the service turns this on:
     # anonymous users choose those URLs); allowed_hosts are the exceptions.
     check_remote_hosts: bool = False
@@ -175,7 +177,15 @@ _URL_SETTINGS = (
 )
 
 
+_IMAGE_PREFIX = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
+
+
 def _validated(settings: Settings) -> Settings:
+    if not _IMAGE_PREFIX.fullmatch(settings.image_prefix):
+        raise UsageError(
+            "Setting 'image_prefix' must be lowercase letters, digits, '.', '_', '-' or '/', "
+            "such as 'binderbox-'."
+        )
     if settings.python_fallback not in {"nearest", "fail"}:
         raise UsageError("Setting 'python_fallback' must be 'nearest' or 'fail'.")
     if settings.r_version_fallback not in {"nearest", "fail"}:

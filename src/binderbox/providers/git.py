@@ -25,14 +25,15 @@ GIT_ENV = {
 class GitSource:
     """A git URL plus ref; every user value is passed after ``--`` or validated first."""
 
-    def __init__(self, url: str, ref: str = "HEAD") -> None:
+    def __init__(self, url: str, ref: str = "HEAD", commit: str = "") -> None:
+        """``commit``, when given, is what ``ref`` is already known to point to."""
         if url.startswith("-") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*::", url):
             raise UsageError(f"'{url}' is not a git URL binderbox will fetch.")
         if _BAD_REF.search(ref):
             raise UsageError(f"'{ref}' is not a valid git ref (branch, tag or commit).")
         self.repo_url = url
         self.ref = ref
-        self._commit = ""
+        self._commit = commit if _FULL_SHA.match(commit) else ""
 
     def slug(self) -> str:
         url = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", self.repo_url)

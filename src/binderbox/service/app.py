@@ -33,7 +33,13 @@ from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.service.buildqueue import BuildJob, BuildQueue
-from binderbox.service.launchflow import Launcher, LaunchRequest, ServiceContext, launch_events
+from binderbox.service.launchflow import (
+    Launcher,
+    LaunchRequest,
+    RefCache,
+    ServiceContext,
+    launch_events,
+)
 from binderbox.service.limits import Limits, RateLimiter
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS
@@ -104,6 +110,7 @@ def create_app(
         metrics=metrics,
         events=LaunchEventLog(Path(events_file)),
         limits=Limits.from_settings(settings),
+        refs=RefCache(settings.ref_cache_seconds),
     )
     rate = RateLimiter(settings.rate_limit_per_minute)
 

@@ -7,6 +7,8 @@ yields the events the /build stream sends. Errors become one ``failed`` event.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from binderbox.service.buildqueue import BuildQueue, follow
 from binderbox.service.limits import Limits
 from binderbox.service.observe import LaunchEventLog, Metrics
 from binderbox.service.specs import RepoSpec, parse_spec
+
+logger = logging.getLogger(__name__)
 
 
 class Launcher(Protocol):
@@ -57,6 +61,7 @@ class ServiceContext:
     metrics: Metrics = field(default_factory=Metrics)
     events: LaunchEventLog | None = None
     limits: Limits | None = None
+    refs: RefCache | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,32 @@ def allowed_hosts(settings: Settings) -> list[str]:
     return [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
 
 
-def resolve_launch(provider: str, spec: str, settings: Settings) -> ResolvedLaunch:
+class RefCache:
+    """Recently resolved (repository, ref) → commit, so a burst of launches of one link
+    asks the git host once. Safe to share between worker threads."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._known: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, repo_url: str, ref: str) -> str:
+        with self._lock:
+            commit, until = self._known.get((repo_url, ref), ("", 0.0))
+        return commit if until > time.monotonic() else ""
+
+    def put(self, repo_url: str, ref: str, commit: str) -> None:
+        if self.seconds <= 0:
+            return
+        with self._lock:
+            if len(self._known) > 10_000:
+                self._known.clear()
+            self._known[(repo_url, ref)] = (commit, time.monotonic() + self.seconds)
+
+
+def resolve_launch(
+    provider: str, spec: str, settings: Settings, refs: RefCache | None = None
+) -> ResolvedLaunch:
     """Parse and check the spec, resolve its ref to a commit and name the image (blocking)."""
     if provider in CONTENT_PROVIDERS:
         # Every request these make (DOI redirects, APIs, downloads) is host-checked.
@@ -82,8 +112,11 @@ def resolve_launch(provider: str, spec: str, settings: Settings) -> ResolvedLaun
         return ResolvedLaunch(record, source, content_id, image)
     parsed = parse_spec(provider, spec)
     check_remote_url(parsed.repo_url, allowed_hosts(settings))
-    source = GitSource(parsed.repo_url, parsed.ref)
+    cached = refs.get(parsed.repo_url, parsed.ref) if refs else ""
+    source = GitSource(parsed.repo_url, parsed.ref, cached)
     commit = source.resolve()
+    if refs and commit and not cached:
+        refs.put(parsed.repo_url, parsed.ref, commit)
     if not commit:
         # An abbreviated commit: resolving it needs the clone the build makes anyway.
         raise BinderboxError(
@@ -139,6 +172,9 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
         if error.log_tail:
             message += "\n\nThe last lines of the build log:\n" + error.log_tail
         yield Event("failed", message, fields)
+    except Exception as error:  # a bug must still end the stream with a reason
+        logger.exception("launch of %s/%s failed unexpectedly", request.provider, request.spec)
+        yield Event("failed", f"binderbox failed unexpectedly: {type(error).__name__}: {error}")
     finally:
         metrics.launches_in_progress.dec()
         metrics.launches.labels(status).inc()
@@ -152,7 +188,9 @@ async def _launch(
     if ctx.limits:
         ctx.limits.check_spec(request.provider, request.spec)
     yield Event("fetching", f"Resolving {request.provider}/{request.spec}")
-    resolved = await asyncio.to_thread(resolve_launch, request.provider, request.spec, settings)
+    resolved = await asyncio.to_thread(
+        resolve_launch, request.provider, request.spec, settings, ctx.refs
+    )
     found.append(resolved)
     engine = await asyncio.to_thread(DockerEngine.connect, settings.docker_cli)
     image = resolved.image

@@ -59,13 +59,10 @@ def healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, base_image) -> Iterator[Served]:
-    prefix = f"binderbox-serve-{uuid.uuid4().hex[:6]}-"
-    port = free_port()
-    env = {
+def serve_env(tmp_path_factory, prefix: str) -> dict[str, str]:
+    return {
         "BINDERBOX_STATE_DIR": str(tmp_path_factory.mktemp("serve-state")),
-        "BINDERBOX_SERVICE_PORT": str(port),
+        "BINDERBOX_SERVICE_PORT": str(free_port()),
         "BINDERBOX_SESSIONS_PORT": str(free_port()),
         "BINDERBOX_HUB_PORT": str(free_port()),
         "BINDERBOX_PROXY_API_PORT": str(free_port()),
@@ -75,7 +72,10 @@ def served(tmp_path_factory, base_image) -> Iterator[Served]:
         "BINDERBOX_PER_REPO_QUOTA": "2",
         "BINDERBOX_LAUNCH_EVENTS_FILE": str(tmp_path_factory.mktemp("events") / "events.jsonl"),
     }
-    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
+
+
+def start_serve(env: dict[str, str], log_path: Path, prefix: str) -> Served:
+    log = log_path.open("a")
     process = subprocess.Popen(
         [*BINDERBOX, "serve"],
         env={**os.environ, **env},
@@ -83,21 +83,34 @@ def served(tmp_path_factory, base_image) -> Iterator[Served]:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    log.close()
+    url = f"http://127.0.0.1:{env['BINDERBOX_SERVICE_PORT']}"
+    wait_until(lambda: healthy(url) or process.poll() is not None, 120, "serve answering")
+    assert process.poll() is None, log_path.read_text()
+    return Served(process, url, env, prefix)
+
+
+def stop_and_clean(served: Served) -> None:
+    if served.process.poll() is None:
+        served.process.send_signal(signal.SIGINT)
+        served.process.wait(timeout=90)
+    client = docker.from_env()
+    for image in client.images.list():
+        for tag in image.tags:
+            if tag.startswith(served.prefix):
+                client.images.remove(tag, force=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, base_image) -> Iterator[Served]:
+    prefix = f"binderbox-serve-{uuid.uuid4().hex[:6]}-"
+    env = serve_env(tmp_path_factory, prefix)
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    process = start_serve(env, log, prefix)
     try:
-        wait_until(lambda: healthy(url) or process.poll() is not None, 120, "serve answering")
-        assert process.poll() is None, Path(log.name).read_text()
-        yield Served(process, url, env, prefix)
+        yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=60)
-        log.close()
-        client = docker.from_env()
-        for image in client.images.list():
-            for tag in image.tags:
-                if tag.startswith(prefix):
-                    client.images.remove(tag, force=True)
+        stop_and_clean(process)
 
 
 def run_code(url: str, token: str, code: str) -> str:
@@ -195,6 +208,53 @@ def test_a_launch_ends_in_a_server_that_runs_code(served, git_server, tmp_path):
     refused = served.stream(path)
     assert [e["phase"] for e in refused][-1] == "failed"
     assert "Too many users running" in refused[-1]["message"]
+
+
+def session_containers(prefix: str) -> list:
+    # sparse: no inspection per container, which would race with removals
+    containers = docker.from_env().containers.list(all=True, sparse=True)
+    return [c for c in containers if str(c.attrs.get("Image", "")).startswith(prefix)]
+
+
+def test_sessions_survive_a_restart_and_are_still_culled(
+    tmp_path_factory, base_image, git_server, tmp_path
+):
+    prefix = f"binderbox-restart-{uuid.uuid4().hex[:6]}-"
+    env = serve_env(tmp_path_factory, prefix)
+    log = tmp_path / "serve.log"
+    first = start_serve(env, log, prefix)
+    try:
+        url = served_repo(git_server, tmp_path, "restartme")
+        ready = first.stream(f"/build/git/{quote(url, safe='')}/main")[-1]
+        assert ready["phase"] == "ready", ready
+        # A service manager's restart: SIGTERM, then start again on the same state.
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(timeout=90) == 0
+        assert len(session_containers(prefix)) == 1
+
+        env_again = {**env, "BINDERBOX_CULL_IDLE_TIMEOUT": "15", "BINDERBOX_CULL_EVERY": "5"}
+        second = start_serve(env_again, log, prefix)
+        try:
+
+            def answers() -> bool:
+                try:
+                    return (
+                        requests.get(
+                            f"{ready['url']}api/status", params={"token": ready["token"]}, timeout=5
+                        ).status_code
+                        == 200
+                    )
+                except requests.RequestException:
+                    return False
+
+            wait_until(answers, 60, "the session answering after the restart")
+            # The restarted hub culls it once idle.
+            wait_until(lambda: not session_containers(prefix), 120, "the idle session culled")
+        finally:
+            stop_and_clean(second)
+    finally:
+        stop_and_clean(first)
+    assert session_containers(prefix) == []
 
 
 def test_a_second_serve_is_refused(served):

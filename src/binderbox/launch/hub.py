@@ -104,7 +104,9 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         f"c.JupyterHub.pid_file = {str(state_dir / 'jupyterhub.pid')!r}",
         f"c.JupyterHub.db_url = {'sqlite:///' + str(state_dir / DB_FILE)!r}",
         f"c.JupyterHub.cookie_secret_file = {str(state_dir / 'jupyterhub_cookie_secret')!r}",
-        "c.JupyterHub.cleanup_servers = True",
+        # Sessions outlive a restart of the hub; binderbox removes them itself when the
+        # whole service stops (ManagedHub.stop(keep_sessions=False)).
+        "c.JupyterHub.cleanup_servers = False",
         # Answer a spawn request after 1 s at most, so the rest is told as progress events;
         # bad options still fail the request itself (they are checked within that second).
         "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 1}",
@@ -199,10 +201,9 @@ class ManagedHub:
             # The lock is ours, so a proxy or culler still running here lost its hub.
             self._stop_leftover_processes()
             self._check_ports()
-            client = _docker_client()
-            self._remove_containers(client)
-            for old in self.state_dir.glob(DB_FILE + "*"):
-                old.unlink()
+            # Sessions a previous hub of this state directory left running are adopted:
+            # the hub finds them through its database, routes them and culls them.
+            _docker_client()
             config = self.state_dir / CONFIG_FILE
             text = render_config(
                 self.settings, state_dir=self.state_dir, proxy=proxy, hub_id=self.hub_id
@@ -233,8 +234,9 @@ class ManagedHub:
             raise
         return self
 
-    def stop(self, timeout: float = 60) -> None:
-        """Stop the hub (which stops its servers and proxy), then remove any leftovers."""
+    def stop(self, timeout: float = 60, *, keep_sessions: bool = False) -> None:
+        """Stop the hub and its proxy; remove its sessions too unless ``keep_sessions``
+        (a restart: the next start on this state directory adopts them)."""
         atexit.unregister(self.stop)
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
@@ -245,8 +247,12 @@ class ManagedHub:
                 process.kill()
                 process.wait()
         self._stop_leftover_processes()
-        with contextlib.suppress(BinderboxError):
-            self._remove_containers(_docker_client())
+        if not keep_sessions:
+            with contextlib.suppress(BinderboxError):
+                self._remove_containers(_docker_client())
+            # Its users' servers are gone: a fresh database for the next start.
+            for old in self.state_dir.glob(DB_FILE + "*"):
+                old.unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import Callable
 
@@ -40,18 +41,53 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     hub = ManagedHub(settings)
     say("Starting JupyterHub and the proxy")
     hub.start()
+    server: _Server | None = None
+    # uvicorn hands the signal that stopped it back to the previous handler once it has
+    # shut down; without one of ours, SIGTERM would end the process before the cleanup.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         launcher = HubLauncher(hub.client())
         app = create_app(settings, launcher)
         base = f"http://{settings.service_host}:{settings.service_port}"
         say(f"binderbox is serving at {base}/ (sessions at {hub.public_url}); Ctrl-C stops it")
-        uvicorn.run(
-            app,
-            host=settings.service_host,
-            port=settings.service_port,
-            log_level="warning",
-            timeout_graceful_shutdown=5,
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=settings.service_host,
+                port=settings.service_port,
+                log_level="warning",
+                timeout_graceful_shutdown=5,
+            )
         )
+        try:
+            server.run()
+        except (_Terminated, KeyboardInterrupt):
+            pass  # the normal ways to stop a server; what to stop is decided below
     finally:
-        say("Stopping JupyterHub, the proxy and every session")
-        hub.stop()
+        signal.signal(signal.SIGTERM, previous)
+        # SIGTERM is how service managers restart: sessions live on and the next start
+        # adopts them. Ctrl-C (and anything else) stops every session too.
+        keep = server is not None and server.stopped_by == signal.SIGTERM
+        if keep:
+            say("Stopping JupyterHub and the proxy; sessions keep running for the next start")
+        else:
+            say("Stopping JupyterHub, the proxy and every session")
+        hub.stop(keep_sessions=keep)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (handed on by uvicorn after its own shutdown)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, remembering which signal stopped it."""
+
+    stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self.stopped_by = sig
+        super().handle_exit(sig, frame)

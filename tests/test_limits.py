@@ -51,8 +51,16 @@ def test_banned_specs_and_networks():
     assert not limits.address_banned("127.0.0.1") and not limits.address_banned("not-an-ip")
 
 
+def test_allowed_specs_admit_only_the_chosen_repositories():
+    limits = Limits.from_settings(Settings(ca_bundle="", allowed_specs="^gh/workshop-org/"))
+    limits.check_spec("gh", "workshop-org/day1/HEAD")
+    with pytest.raises(LaunchRefused, match="only launches the repositories its admins chose"):
+        limits.check_spec("gh", "someone/else/HEAD")
+
+
 @pytest.mark.parametrize(
-    ("setting", "value"), [("banned_specs", "(unclosed"), ("banned_networks", "10.0.0.0/99")]
+    ("setting", "value"),
+    [("banned_specs", "(unclosed"), ("allowed_specs", "[x"), ("banned_networks", "10.0.0.0/99")],
 )
 def test_bad_ban_settings_are_usage_errors(setting, value):
     with pytest.raises(UsageError, match=setting):
@@ -67,3 +75,19 @@ def test_rate_limiter_is_a_sliding_window_per_address():
     assert limiter.retry_after("b", now=20) == 0  # another address
     assert limiter.retry_after("a", now=61) == 0  # the first request left the window
     assert RateLimiter(limit=0).retry_after("a") == 0  # off
+
+
+def test_build_tokens_are_bound_to_a_spec_and_expire(tmp_path):
+    from binderbox.service import buildtoken
+
+    secret = buildtoken.load_secret(tmp_path)
+    assert buildtoken.load_secret(tmp_path) == secret  # kept for the next start
+    assert oct((tmp_path / "build-token-secret").stat().st_mode & 0o777) == "0o600"
+    token = buildtoken.issue(secret, "gh/org/repo/HEAD", now=1000)
+    assert buildtoken.valid(secret, token, "gh/org/repo/HEAD", now=1000)
+    assert not buildtoken.valid(secret, token, "gh/org/other/HEAD", now=1000)
+    assert not buildtoken.valid(secret, token, "gh/org/repo/HEAD", now=1000 + 3601)
+    assert not buildtoken.valid(b"another secret", token, "gh/org/repo/HEAD", now=1000)
+    payload, _, signature = token.partition(".")
+    assert not buildtoken.valid(secret, payload + "." + "0" * len(signature), "gh/org/repo/HEAD")
+    assert not buildtoken.valid(secret, "garbage", "gh/org/repo/HEAD")

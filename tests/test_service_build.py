@@ -3,6 +3,7 @@ git daemon on 127.0.0.1 (build_only: launching sessions is tested with JupyterHu
 
 from __future__ import annotations
 
+import http.client
 import json
 import tempfile
 import threading
@@ -278,6 +279,47 @@ def test_rate_limit_per_address(base_image):
     assert codes == [200, 200, 429]
     event = json.loads(last.removeprefix("data: "))
     assert event["phase"] == "failed" and "Too many launch requests" in event["message"]
+
+
+def test_the_launch_page_token_skips_the_rate_limit(base_image):
+    import re
+
+    limited = Service(rate_limit_per_minute=1)
+    try:
+        page = requests.get(limited.url + "/v2/gh/org/repo/..bad", timeout=10).text
+        token = re.search(r'buildQuery.set\("build_token", "([^"]+)"\)', page)[1]
+
+        def status(query: str) -> int:
+            return requests.get(
+                f"{limited.url}/build/gh/org/repo/..bad{query}",
+                headers={"Accept": "text/event-stream"},
+                timeout=30,
+            ).status_code
+
+        with_token = [status(f"?build_token={token}") for _ in range(3)]
+        without = [status(""), status(""), status("?build_token=forged.00")]
+    finally:
+        limited.stop()
+    assert with_token == [200, 200, 200]
+    assert without == [200, 429, 429]
+
+
+def test_the_launch_page_cannot_be_used_for_script_injection(service):
+    response = requests.get(
+        service.url + "/v2/gh/x/%3C%2Fscript%3E%3Cscript%3Ealert(1)%3C%2Fscript%3E/HEAD",
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert "<script>alert(1)" not in response.text
+    # The same path sent unescaped, as a hostile client may.
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    connection.request("GET", "/v2/gh/x/</script><script>alert(1)</script>/HEAD")
+    injected = connection.getresponse()
+    body = injected.read().decode()
+    connection.close()
+    assert injected.status == 200
+    assert "\\u003c/script\\u003e" in body
+    assert "<script>alert(1)" not in body
 
 
 def test_banned_network_and_spec(base_image):

@@ -111,6 +111,8 @@ class Settings:
     rate_limit_per_minute: int = 30
     # Comma-separated regular expressions of "<provider>/<spec>" that may not launch.
     banned_specs: str = ""
+    # Comma-separated regular expressions: when set, only matching specs may launch.
+    allowed_specs: str = ""
     # Comma-separated networks (CIDR) whose requests are refused.
     banned_networks: str = ""
     # Launch events, one JSON line each (mybinder.org archive shape); "" means

@@ -32,6 +32,7 @@ from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
+from binderbox.service import buildtoken
 from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import (
     Launcher,
@@ -113,6 +114,7 @@ def create_app(
         refs=RefCache(settings.ref_cache_seconds),
     )
     rate = RateLimiter(settings.rate_limit_per_minute)
+    token_secret = buildtoken.load_secret(Path(settings.state_dir).expanduser())
 
     def refuse(message: str, status: int) -> Response:
         event = Event("failed", message, {"status_code": status})
@@ -135,7 +137,9 @@ def create_app(
         address = request.client.host if request.client else ""
         if ctx.limits.address_banned(address):
             return refuse("Requests from your network are not accepted here.", 403)
-        wait = rate.retry_after(address)
+        token = request.query_params.get("build_token", "")
+        from_page = bool(token) and buildtoken.valid(token_secret, token, f"{provider}/{spec}")
+        wait = 0.0 if from_page else rate.retry_after(address)
         if wait:
             return refuse(
                 f"Too many launch requests from your address; try again in {wait:.0f} seconds.",
@@ -245,7 +249,8 @@ def create_app(
 
     async def launch_page(request: Request) -> Response:
         provider, spec = raw_spec(request, "/v2/")
-        return HTMLResponse(_launch_page(provider, spec))
+        token = buildtoken.issue(token_secret, f"{provider}/{spec}")
+        return HTMLResponse(_launch_page(provider, spec, token))
 
     return Starlette(
         routes=[
@@ -263,10 +268,16 @@ def create_app(
     )
 
 
-def _launch_page(provider: str, spec: str) -> str:
+def _js_string(text: str) -> str:
+    """A JavaScript string literal that cannot end the surrounding <script> element."""
+    return json.dumps(text).replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _launch_page(provider: str, spec: str, build_token: str) -> str:
     """A plain launch page: phase, live log, the error, then the redirect."""
     title = html.escape(f"{provider}/{spec}")
-    build_url = json.dumps(f"/build/{provider}/{spec}")
+    build_url = _js_string(f"/build/{provider}/{spec}")
+    token = _js_string(build_token)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -279,7 +290,9 @@ pre{{background:#111;color:#ddd;padding:1rem;max-height:60vh;overflow:auto;white
 <p id="message"></p><pre id="log" aria-label="Build log"></pre>
 <script>
 const query = new URLSearchParams(location.search);
-const source = new EventSource({build_url} + location.search);
+const buildQuery = new URLSearchParams(location.search);
+buildQuery.set("build_token", {token});
+const source = new EventSource({build_url} + "?" + buildQuery.toString());
 const log = document.getElementById("log");
 source.onmessage = (e) => {{
   const data = JSON.parse(e.data);

@@ -43,31 +43,46 @@ class Limits:
     per_repo: int
     total: int
     banned_specs: list[re.Pattern[str]] = field(default_factory=list)
+    # When not empty, only specs matching one of these may launch.
+    allowed_specs: list[re.Pattern[str]] = field(default_factory=list)
     banned_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
         default_factory=list
     )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        try:
-            specs = [re.compile(p) for p in _split(settings.banned_specs)]
-        except re.error as err:
-            raise UsageError(f"Setting 'banned_specs' has an invalid pattern: {err}.") from None
+        patterns = {}
+        for name in ("banned_specs", "allowed_specs"):
+            try:
+                patterns[name] = [re.compile(p) for p in _split(getattr(settings, name))]
+            except re.error as err:
+                raise UsageError(f"Setting '{name}' has an invalid pattern: {err}.") from None
         try:
             networks = [
                 ipaddress.ip_network(n, strict=False) for n in _split(settings.banned_networks)
             ]
         except ValueError as err:
             raise UsageError(f"Setting 'banned_networks': {err}.") from None
-        return cls(settings.per_repo_quota, total_quota(settings), specs, networks)
+        return cls(
+            per_repo=settings.per_repo_quota,
+            total=total_quota(settings),
+            banned_specs=patterns["banned_specs"],
+            allowed_specs=patterns["allowed_specs"],
+            banned_networks=networks,
+        )
 
     def check_spec(self, provider: str, spec: str) -> None:
-        """Refuse specs an operator banned."""
+        """Refuse specs an operator banned, or did not allow when only some are."""
         full = f"{provider}/{spec}"
         if any(pattern.search(full) for pattern in self.banned_specs):
             raise LaunchRefused(
                 f"Sorry, {full} has been temporarily disabled from launching. "
                 "Please contact the admins of this binderbox for more info."
+            )
+        if self.allowed_specs and not any(p.search(full) for p in self.allowed_specs):
+            raise LaunchRefused(
+                f"Sorry, this binderbox only launches the repositories its admins chose, "
+                f"and {full} is not one of them."
             )
 
     def address_banned(self, address: str) -> bool:

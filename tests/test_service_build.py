@@ -200,6 +200,9 @@ def test_build_records_and_logs_survive_a_restart(base_image, git_server, tmp_pa
     finally:
         second.stop()
     assert kept.status_code == 200 and "status: success" in kept.text
+    launches = BuildStore(Path(state) / "binderbox.sqlite").recent_launches()
+    assert [(x.provider, x.status) for x in launches] == [("git", "success")]
+    assert launches[0].ref == built["image"].rsplit(":", 1)[1]
     assert "#" in kept.text  # BuildKit's log lines are there
     assert "status: failed (binderbox was restarted" in interrupted.text
     assert "half way" in interrupted.text

@@ -24,6 +24,16 @@ CREATE TABLE IF NOT EXISTS builds (
     started REAL NOT NULL,
     finished REAL
 );
+CREATE TABLE IF NOT EXISTS launches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    provider TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    ref TEXT NOT NULL,             -- the resolved commit or content id ("" if unresolved)
+    status TEXT NOT NULL,          -- success, failed
+    seconds REAL NOT NULL,
+    message TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS build_log (
     build_id TEXT NOT NULL REFERENCES builds(id),
     seq INTEGER NOT NULL,
@@ -45,8 +55,19 @@ class BuildRecord:
     finished: float | None
 
 
+@dataclass(frozen=True)
+class LaunchRecord:
+    at: float
+    provider: str
+    spec: str
+    ref: str
+    status: str
+    seconds: float
+    message: str
+
+
 class BuildStore:
-    """Builds and their log lines in one SQLite file; safe to use from several threads."""
+    """Builds, their log lines and launches in one SQLite file; safe across threads."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +128,26 @@ class BuildStore:
                 (build_id,),
             ).fetchone()
         return BuildRecord(*row) if row else None
+
+    def record_launch(
+        self, provider: str, spec: str, ref: str, status: str, seconds: float, message: str = ""
+    ) -> None:
+        """One /build request's outcome (no addresses are kept)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO launches (at, provider, spec, ref, status, seconds, message)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), provider, spec, ref, status, seconds, message),
+            )
+
+    def recent_launches(self, limit: int = 50) -> list[LaunchRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, provider, spec, ref, status, seconds, message FROM launches"
+                " ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [LaunchRecord(*row) for row in rows]
 
     def log(self, build_id: str) -> list[str]:
         with self._lock:

@@ -112,6 +112,7 @@ def create_app(
         events=LaunchEventLog(Path(events_file)),
         limits=Limits.from_settings(settings),
         refs=RefCache(settings.ref_cache_seconds),
+        store=store,
     )
     rate = RateLimiter(settings.rate_limit_per_minute)
     token_secret = buildtoken.load_secret(Path(settings.state_dir).expanduser())

@@ -7,6 +7,7 @@ yields the events the /build stream sends. Errors become one ``failed`` event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from binderbox.service.buildqueue import BuildQueue, follow
 from binderbox.service.limits import Limits
 from binderbox.service.observe import LaunchEventLog, Metrics
 from binderbox.service.specs import RepoSpec, parse_spec
+from binderbox.store import BuildStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class ServiceContext:
     events: LaunchEventLog | None = None
     limits: Limits | None = None
     refs: RefCache | None = None
+    store: BuildStore | None = None
 
 
 @dataclass(frozen=True)
@@ -147,38 +150,69 @@ def binder_fields(request: LaunchRequest, resolved: ResolvedLaunch) -> dict[str,
 
 
 async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIterator[Event]:
-    """The whole launch as events; always ends with ``ready`` or ``failed``."""
-    metrics = ctx.metrics
+    """The whole launch as events; always ends with ``ready`` or ``failed``.
+
+    The outcome is recorded (metrics, store, launch events) before the last event is
+    sent, so whoever saw that event also sees it counted.
+    """
     started = time.monotonic()
     resolved: list[ResolvedLaunch] = []
-    status = "failed"
-    metrics.launches_in_progress.inc()
+    final: Event | None = None
+    ctx.metrics.launches_in_progress.inc()
     try:
-        async for event in _launch(request, ctx, resolved):
-            if event.phase == "ready":
-                status = "success"
-                if ctx.events and not request.build_only and resolved:
-                    await asyncio.to_thread(
-                        ctx.events.record,
-                        request.provider,
-                        request.spec,
-                        resolved[0].commit,
-                        urlsplit(request.launch_host).netloc,
-                    )
-            yield event
-    except BinderboxError as error:
-        fields = {"log_tail": error.log_tail} if error.log_tail else {}
-        message = error.message
-        if error.log_tail:
-            message += "\n\nThe last lines of the build log:\n" + error.log_tail
-        yield Event("failed", message, fields)
-    except Exception as error:  # a bug must still end the stream with a reason
-        logger.exception("launch of %s/%s failed unexpectedly", request.provider, request.spec)
-        yield Event("failed", f"binderbox failed unexpectedly: {type(error).__name__}: {error}")
+        try:
+            async with contextlib.aclosing(_launch(request, ctx, resolved)) as events:
+                async for event in events:
+                    if event.phase == "ready":
+                        final = event
+                        break
+                    yield event
+        except BinderboxError as error:
+            fields = {"log_tail": error.log_tail} if error.log_tail else {}
+            message = error.message
+            if error.log_tail:
+                message += "\n\nThe last lines of the build log:\n" + error.log_tail
+            final = Event("failed", message, {**fields, "reason": error.message})
+        except Exception as error:  # a bug must still end the stream with a reason
+            logger.exception("launch of %s/%s failed unexpectedly", request.provider, request.spec)
+            reason = f"binderbox failed unexpectedly: {type(error).__name__}: {error}"
+            final = Event("failed", reason, {"reason": reason})
+        if final is None:
+            final = Event("failed", "The launch ended without a result.", {"reason": ""})
+        await _record(request, ctx, resolved, final, time.monotonic() - started)
+        if final.phase == "failed":
+            final = Event(
+                "failed", final.message, {k: v for k, v in final.fields.items() if k != "reason"}
+            )
+        yield final
     finally:
-        metrics.launches_in_progress.dec()
-        metrics.launches.labels(status).inc()
-        metrics.launch_seconds.labels(status).observe(time.monotonic() - started)
+        ctx.metrics.launches_in_progress.dec()
+
+
+async def _record(
+    request: LaunchRequest,
+    ctx: ServiceContext,
+    resolved: list[ResolvedLaunch],
+    final: Event,
+    seconds: float,
+) -> None:
+    status = "success" if final.phase == "ready" else "failed"
+    ref = resolved[0].commit if resolved else ""
+    if status == "success" and ctx.events and not request.build_only and resolved:
+        await asyncio.to_thread(
+            ctx.events.record,
+            request.provider,
+            request.spec,
+            ref,
+            urlsplit(request.launch_host).netloc,
+        )
+    if ctx.store:
+        reason = str(final.fields.get("reason", "")) if status == "failed" else ""
+        await asyncio.to_thread(
+            ctx.store.record_launch, request.provider, request.spec, ref, status, seconds, reason
+        )
+    ctx.metrics.launches.labels(status).inc()
+    ctx.metrics.launch_seconds.labels(status).observe(seconds)
 
 
 async def _launch(

@@ -80,6 +80,13 @@ class Settings:
     # CKAN sites used without asking them first (other hosts must answer status_show).
     ckan_hosts: str = ""
     # Limits on one record's content, counted while downloading and again while unpacking.
+    # Optional API tokens (for higher rate limits or records shared with the token's
+    # owner), sent only to that provider's own hosts.
+    zenodo_token: str = ""
+    figshare_token: str = ""
+    dataverse_token: str = ""
+    hydroshare_token: str = ""
+    ckan_token: str = ""
     content_max_bytes: int = 2_000_000_000
     content_max_files: int = 20_000
     # Compile the repository's Python packages to bytecode while building. Costs build

@@ -29,6 +29,8 @@ _DATASET_PATH = re.compile(r"^/dataset/([A-Za-z0-9_-]{1,100})(?:/.*)?$")
 
 class CkanSource(RecordSource):
     provider = "ckan"
+    token_setting = "ckan_token"
+    token_header = ("Authorization", "{token}")
     label = "CKAN"
     noun = "dataset"
 

@@ -42,6 +42,8 @@ _VERSION = re.compile(r"^\d+(?:\.\d+)?$")
 
 class DataverseSource(RecordSource):
     provider = "dataverse"
+    token_setting = "dataverse_token"
+    token_header = ("X-Dataverse-key", "{token}")
     label = "Dataverse"
     noun = "dataset"
 

@@ -30,6 +30,8 @@ _SPEC = re.compile(r"^(\d+)(?:(?:/|\.v)(\d+))?$")
 
 class FigshareSource(RecordSource):
     provider = "figshare"
+    token_setting = "figshare_token"
+    token_header = ("Authorization", "token {token}")
     label = "Figshare"
     noun = "article"
 

@@ -44,8 +44,12 @@ class Http:
     """A small synchronous client; ``what`` arguments name the thing being fetched in
     messages ("the Zenodo record 3242074")."""
 
-    def __init__(self, settings: Settings) -> None:
-        hooks = {}
+    def __init__(
+        self, settings: Settings, credentials: tuple[set[str], dict[str, str]] | None = None
+    ) -> None:
+        """``credentials``: (hosts, headers) — headers sent to those hosts only, never to
+        where they redirect (downloads often redirect to storage elsewhere)."""
+        hooks: dict[str, list] = {"request": []}
         if settings.check_remote_hosts:
             allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
 
@@ -54,7 +58,18 @@ class Http:
                 # this machine's own network.
                 check_remote_url(str(request.url), allowed)
 
-            hooks["request"] = [check]
+            hooks["request"].append(check)
+        if credentials:
+            hosts, headers = credentials
+
+            def authorize(request: httpx.Request) -> None:
+                for name, value in headers.items():
+                    if request.url.netloc.decode() in hosts:
+                        request.headers[name] = value
+                    else:
+                        request.headers.pop(name, None)
+
+            hooks["request"].append(authorize)
         self._client = httpx.Client(
             headers={"User-Agent": USER_AGENT},
             timeout=TIMEOUT,

@@ -32,6 +32,7 @@ BAG_WAIT_SECONDS = 6.0
 
 class HydroshareSource(RecordSource):
     provider = "hydroshare"
+    token_setting = "hydroshare_token"
     label = "HydroShare"
     noun = "resource"
 

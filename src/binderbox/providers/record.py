@@ -137,6 +137,9 @@ class RecordSource:
     label: ClassVar[str] = ""
     # What the provider calls one entry: record, article, dataset, resource.
     noun: ClassVar[str] = "record"
+    # The setting with an optional API token, and the header the API wants it in.
+    token_setting: ClassVar[str] = ""
+    token_header: ClassVar[tuple[str, str]] = ("Authorization", "Bearer {token}")
 
     def __init__(self, settings: Settings, record_id: str, repo_url: str) -> None:
         self.settings = settings
@@ -157,10 +160,22 @@ class RecordSource:
     def resolve(self) -> str:
         return self.record().content_id
 
+    def _http(self) -> Http:
+        """A client that sends the provider's API token, if one is set, to its own hosts."""
+        token = getattr(self.settings, self.token_setting, "") if self.token_setting else ""
+        if not token:
+            return Http(self.settings)
+        hosts = {urlsplit(self.repo_url).netloc}
+        api = getattr(self, "api", "")
+        if api:
+            hosts.add(urlsplit(api).netloc)
+        name, template = self.token_header
+        return Http(self.settings, (hosts, {name: template.format(token=token)}))
+
     def record(self) -> Record:
         """The record's metadata, read once: fetch() uses exactly what resolve() saw."""
         if self._record is None:
-            with Http(self.settings) as http:
+            with self._http() as http:
                 self._record = self._load(http)
         return self._record
 
@@ -177,7 +192,7 @@ class RecordSource:
     def fetch(self, dest: Path) -> Fetched:
         record = self.record()
         try:
-            with Http(self.settings) as http:
+            with self._http() as http:
                 self._materialize(record, dest, http)
         except ContentRefused as err:
             _remove(dest)

@@ -29,6 +29,7 @@ _ID = re.compile(r"^[0-9]+$")
 
 class ZenodoSource(RecordSource):
     provider = "zenodo"
+    token_setting = "zenodo_token"
     label = "Zenodo"
 
     def __init__(self, settings: Settings, base: str, record_id: str) -> None:

@@ -126,3 +126,41 @@ def test_a_build_that_runs_too_long_is_stopped_with_a_message(make_repo, base_im
         "The build took longer than the limit of 5 seconds and was stopped."
     )
     assert time.monotonic() - began < 60
+
+
+def test_run_passes_environment_volumes_and_can_mount_the_repository(
+    make_repo, base_image, built_images, tmp_path
+):
+    from tests.conftest import binderbox
+
+    repo = make_repo({"notes.txt": "from the build\n"})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("mounted data\n")
+    script = 'echo "$GREETING"; cat /data/x.txt; grep -c " /home/jovyan " /proc/mounts'
+    result = binderbox(
+        "run",
+        "--editable",
+        "-e",
+        "GREETING=hello",
+        "-v",
+        f"{data}:/data",
+        str(repo),
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert result.code == 0, result.stderr
+    assert result.stdout.split() == ["hello", "mounted", "data", "1"]
+    built_images.update(
+        line.split()[-1] for line in result.stderr.splitlines() if "binderbox-local-" in line
+    )
+
+
+def test_run_options_after_the_repository_are_explained(make_repo, base_image):
+    from tests.conftest import binderbox
+
+    result = binderbox("run", str(make_repo({"a.txt": "a"})), "--editable")
+    assert result.code == 2
+    assert "Options go before REPO" in result.stderr and "'--editable'" in result.stderr

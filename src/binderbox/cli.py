@@ -237,6 +237,15 @@ def run(
     out = Output(json_logs=json_logs)
     if command[:1] == ("--",):
         command = command[1:]
+    elif command and command[0].startswith("-"):
+        # As with repo2docker, options come before REPO; after it, everything is CMD.
+        out.fail(
+            UsageError(
+                f"Options go before REPO (binderbox run [OPTIONS] REPO [-- CMD]); "
+                f"'{command[0]}' came after it."
+            )
+        )
+        sys.exit(2)
 
     def action() -> int:
         settings = _settings(config_file, base_image=base_image)

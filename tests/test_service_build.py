@@ -290,7 +290,8 @@ def test_the_launch_page_token_skips_the_rate_limit(base_image):
     limited = Service(rate_limit_per_minute=1)
     try:
         page = requests.get(limited.url + "/v2/gh/org/repo/..bad", timeout=10).text
-        token = re.search(r'buildQuery.set\("build_token", "([^"]+)"\)', page)[1]
+        data = json.loads(re.search(r'id="page-data">(.*?)</script>', page)[1])
+        token = data["build_token"]
 
         def status(query: str) -> int:
             return requests.get(
@@ -359,7 +360,7 @@ def test_operations_endpoints(service):
     assert legacy.status_code == 302
     assert legacy.headers["location"] == "/v2/gh/org/project/HEAD?urlpath=lab"
     page = requests.get(service.url + "/v2/gh/org/project/HEAD", timeout=10)
-    assert page.status_code == 200 and "EventSource" in page.text
+    assert page.status_code == 200 and "/static/binderbox.js" in page.text
 
 
 def test_health_is_503_when_docker_is_unreachable(monkeypatch):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -24,7 +26,8 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from binderbox import __version__
 from binderbox.build.engine import docker_client
@@ -32,7 +35,7 @@ from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
-from binderbox.service import buildtoken
+from binderbox.service import buildtoken, pages
 from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import (
     Launcher,
@@ -43,8 +46,8 @@ from binderbox.service.launchflow import (
 )
 from binderbox.service.limits import Limits, RateLimiter
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
-from binderbox.service.specs import PROVIDERS
-from binderbox.store import BuildStore
+from binderbox.service.specs import PROVIDERS, parse_spec
+from binderbox.store import BuildStore, LaunchRecord
 
 KEEPALIVE_SECONDS = 25.0
 
@@ -166,32 +169,9 @@ def create_app(
         )
 
     async def repoproviders(request: Request) -> Response:
-        return cors(
-            JSONResponse(
-                [
-                    {
-                        "provider": p.name,
-                        "display_name": p.display_name,
-                        "regex_detail": p.regex,
-                        "repo_label": p.repo_label,
-                        "ref_label": p.ref_label,
-                    }
-                    for p in PROVIDERS.values()
-                ]
-                + [
-                    {
-                        "provider": name,
-                        "display_name": cls.label,
-                        "regex_detail": r"^(.+)$",
-                        "repo_label": f"{cls.label} DOI, address or id",
-                        "ref_label": "",
-                    }
-                    for name, cls in CONTENT_PROVIDERS.items()
-                ]
-            )
-        )
+        return cors(JSONResponse(provider_list()))
 
-    async def health(request: Request) -> Response:
+    async def health_checks() -> tuple[bool, list[dict]]:
         checks = []
         try:
             await asyncio.to_thread(docker_client)
@@ -209,7 +189,10 @@ def create_app(
                 "waiting": ctx.queue.waiting,
             }
         )
-        ok = all(c["ok"] for c in checks)
+        return all(c["ok"] for c in checks), checks
+
+    async def health(request: Request) -> Response:
+        ok, checks = await health_checks()
         return cors(JSONResponse({"ok": ok, "checks": checks}, status_code=200 if ok else 503))
 
     async def versions(request: Request) -> Response:
@@ -253,8 +236,26 @@ def create_app(
         token = buildtoken.issue(token_secret, f"{provider}/{spec}")
         return HTMLResponse(_launch_page(provider, spec, token))
 
+    async def home_page(request: Request) -> Response:
+        return HTMLResponse(_home_page())
+
+    async def status_page(request: Request) -> Response:
+        ok, checks = await health_checks()
+        launches = await asyncio.to_thread(store.recent_launches, 30)
+        images: list[str] | None = None
+        if launcher is not None:
+            try:
+                images = await launcher.running_images()
+            except Exception:  # the page still shows everything else
+                images = None
+        page = _status_page(ok, checks, ctx.queue, settings, launches, images)
+        return HTMLResponse(page, status_code=200 if ok else 503)
+
     return Starlette(
         routes=[
+            Route("/", home_page),
+            Route("/status", status_page),
+            Mount("/static", StaticFiles(directory=pages.STATIC), name="static"),
             Route("/build/{provider}/{spec:path}", build),
             Route("/v2/{provider}/{spec:path}", launch_page),
             Route("/repo/{user}/{repo}", legacy_repo),
@@ -269,52 +270,154 @@ def create_app(
     )
 
 
-def _js_string(text: str) -> str:
-    """A JavaScript string literal that cannot end the surrounding <script> element."""
-    return json.dumps(text).replace("<", "\\u003c").replace(">", "\\u003e")
+def provider_list() -> list[dict[str, str]]:
+    """Every provider, as /api/repoproviders lists it and the home page offers it."""
+    return [
+        {
+            "provider": p.name,
+            "display_name": p.display_name,
+            "regex_detail": p.regex,
+            "repo_label": p.repo_label,
+            "ref_label": p.ref_label,
+        }
+        for p in PROVIDERS.values()
+    ] + [
+        {
+            "provider": name,
+            "display_name": cls.label,
+            "regex_detail": r"^(.+)$",
+            "repo_label": f"{cls.label} DOI, address or id",
+            "ref_label": "",
+        }
+        for name, cls in CONTENT_PROVIDERS.items()
+    ]
+
+
+PLACEHOLDERS = {
+    "gh": "https://github.com/org/repo or org/repo",
+    "gl": "https://gitlab.com/group/project",
+    "gist": "https://gist.github.com/user/0123abcd",
+    "git": "https://example.org/repo.git",
+    "zenodo": "10.5281/zenodo.3242074",
+    "figshare": "10.6084/m9.figshare.9782777.v1",
+    "hydroshare": "https://www.hydroshare.org/resource/<id>/",
+    "dataverse": "10.7910/DVN/TJCLKP",
+    "ckan": "https://demo.ckan.org/dataset/<name>",
+}
+
+
+def _home_page() -> str:
+    providers = provider_list()
+    options = "".join(
+        f'<option value="{html.escape(p["provider"])}">{html.escape(p["display_name"])}</option>'
+        for p in providers
+    )
+    return pages.render(
+        "home.html",
+        title="binderbox: turn a repository into a live Jupyter session",
+        description="Paste a Git repository, a Gist or a DOI and open it in JupyterLab, "
+        "with a link and a badge to share.",
+        page="home",
+        data={"providers": providers, "placeholders": PLACEHOLDERS},
+        version=__version__,
+        provider_options=options,
+    )
 
 
 def _launch_page(provider: str, spec: str, build_token: str) -> str:
-    """A plain launch page: phase, live log, the error, then the redirect."""
-    title = html.escape(f"{provider}/{spec}")
-    build_url = _js_string(f"/build/{provider}/{spec}")
-    token = _js_string(build_token)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Launching {title} · binderbox</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}
-pre{{background:#111;color:#ddd;padding:1rem;max-height:60vh;overflow:auto;white-space:pre-wrap}}
-#phase{{font-weight:bold}} .failed{{color:#b00}}</style></head>
-<body><h1>Launching {title}</h1>
-<p>Phase: <span id="phase" role="status">starting</span></p>
-<p id="message"></p><pre id="log" aria-label="Build log"></pre>
-<script>
-const query = new URLSearchParams(location.search);
-const buildQuery = new URLSearchParams(location.search);
-buildQuery.set("build_token", {token});
-const source = new EventSource({build_url} + "?" + buildQuery.toString());
-const log = document.getElementById("log");
-source.onmessage = (e) => {{
-  const data = JSON.parse(e.data);
-  document.getElementById("phase").textContent = data.phase;
-  if (data.phase === "building" || data.phase === "waiting") {{
-    log.textContent += data.message.endsWith("\\n") ? data.message : data.message + "\\n";
-    log.scrollTop = log.scrollHeight;
-  }} else {{ document.getElementById("message").textContent = data.message; }}
-  if (data.phase === "failed") {{
-    document.getElementById("phase").className = "failed"; source.close();
-  }}
-  if (data.phase === "ready") {{
-    source.close();
-    let path = query.get("urlpath") || "";
-    if (query.get("labpath")) path = "lab/tree/" + query.get("labpath");
-    else if (query.get("filepath")) path = "tree/" + query.get("filepath");
-    path = path.replace(/^\\/+/, "");
-    const url = new URL(data.url + path);
-    url.searchParams.set("token", data.token);
-    location.href = url.toString();
-  }}
-}};
-</script></body></html>
-"""
+    """The launch page: phases, live log, the error or the redirect (pages/launch.html)."""
+    name = unquote(f"{provider}/{spec}")
+    try:
+        parsed = parse_spec(provider, spec)
+        heading, detail = parsed.repo_url, f"at {parsed.ref}"
+    except BinderboxError:
+        heading, detail = name, ""
+    return pages.render(
+        "launch.html",
+        title=f"Launching {name} · binderbox",
+        description=f"Launch {name} in JupyterLab with binderbox.",
+        page="launch",
+        data={
+            "name": name,
+            "build_url": f"/build/{provider}/{spec}",
+            "build_token": build_token,
+        },
+        version=__version__,
+        heading=heading,
+        detail=detail,
+    )
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def _status_page(
+    ok: bool,
+    checks: list[dict],
+    queue: BuildQueue,
+    settings: Settings,
+    launches: list[LaunchRecord],
+    images: list[str] | None,
+) -> str:
+    esc = html.escape
+    check_items = "".join(
+        f'<li><span class="{"ok" if c["ok"] else "bad"}">{"✓" if c["ok"] else "✗"}</span> '
+        f"{esc(c['service'])}: {'ok' if c['ok'] else 'not ok'}"
+        + (f" ({esc(c['message'])})" if c.get("message") else "")
+        + "</li>"
+        for c in checks
+    )
+    if images is None:
+        sessions = '<p class="hint">This binderbox only builds images; it runs no sessions.</p>'
+    else:
+        per_repo = Counter(image.rsplit(":", 1)[0] for image in images)
+        rows = "".join(
+            f'<tr><td class="spec">{esc(repo)}</td><td class="num">{count}</td></tr>'
+            for repo, count in per_repo.most_common()
+        )
+        limit = f" (at most {settings.total_quota} in all)" if settings.total_quota else ""
+        sessions = f'<p><strong id="sessions-total">{len(images)}</strong> running{limit}.</p>'
+
+        if rows:
+            sessions += (
+                '<div class="table-wrap"><table><thead><tr><th scope="col">Image</th>'
+                f'<th scope="col">Sessions</th></tr></thead><tbody>{rows}</tbody></table></div>'
+            )
+    now = time.time()
+    launch_rows = "".join(
+        f"<tr><td>{esc(_ago(now - r.at))}</td>"
+        f'<td class="spec">{esc(unquote(r.provider + "/" + r.spec))}</td>'
+        f'<td class="{"ok" if r.status == "success" else "bad"}">{esc(r.status)}'
+        + (f'<br><span class="hint">{esc(r.message)}</span>' if r.message else "")
+        + f'</td><td class="num">{r.seconds:.1f} s</td></tr>'
+        for r in launches
+    )
+    launch_table = (
+        '<div class="table-wrap"><table id="launches"><thead><tr><th scope="col">When</th>'
+        '<th scope="col">Repository</th><th scope="col">Result</th>'
+        f'<th scope="col">Took</th></tr></thead><tbody>{launch_rows}</tbody></table></div>'
+        if launches
+        else '<p class="hint">No launches yet.</p>'
+    )
+    return pages.render(
+        "status.html",
+        title="Status · binderbox",
+        description="Health, builds, sessions and recent launches of this binderbox.",
+        page="status",
+        version=__version__,
+        health="ok" if ok else "not ok",
+        health_class="ok" if ok else "bad",
+        checks=check_items,
+        running=queue.running,
+        waiting=queue.waiting,
+        concurrency=settings.build_concurrency,
+        sessions=sessions,
+        launches=launch_table,
+    )

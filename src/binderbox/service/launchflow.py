@@ -36,6 +36,14 @@ from binderbox.store import BuildStore
 logger = logging.getLogger(__name__)
 
 
+class BuildFailed(BinderboxError):
+    """A build that failed and left its whole log at ``log_url``."""
+
+    def __init__(self, message: str, *, log_tail: str = "", log_url: str = "") -> None:
+        super().__init__(message, log_tail=log_tail)
+        self.log_url = log_url
+
+
 class Launcher(Protocol):
     """Starts a session from an image; yields ``launching`` events, then ``ready``."""
 
@@ -168,7 +176,9 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
                         break
                     yield event
         except BinderboxError as error:
-            fields = {"log_tail": error.log_tail} if error.log_tail else {}
+            fields: dict[str, str] = {"log_tail": error.log_tail} if error.log_tail else {}
+            if isinstance(error, BuildFailed) and error.log_url:
+                fields["log_url"] = error.log_url
             message = error.message
             if error.log_tail:
                 message += "\n\nThe last lines of the build log:\n" + error.log_tail
@@ -247,9 +257,11 @@ async def _launch(
         if job.error:
             if not job.build_id:
                 raise job.error
-            raise BinderboxError(
-                f"{job.error.message} The whole log: {request.launch_host}logs/{job.build_id}",
+            log_url = f"{request.launch_host}logs/{job.build_id}"
+            raise BuildFailed(
+                f"{job.error.message} The whole log: {log_url}",
                 log_tail=job.error.log_tail,
+                log_url=log_url,
             )
         fields_built = {"image": image}
         if job.build_id:

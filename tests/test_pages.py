@@ -1,0 +1,228 @@
+"""The web pages in a real browser: Debian's chromium driven by Playwright, against the
+service under uvicorn (build_only) and repositories served by a git daemon."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+from tests.test_service_build import Service, build_path, served_repo
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+expect = playwright_sync.expect
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs chromium (apt-get install chromium)")
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def plain_service():
+    svc = Service()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def build_service(base_image, built_images, tmp_path_factory):
+    prefix = f"binderbox-pages-{uuid.uuid4().hex[:6]}-"
+    svc = Service(
+        image_prefix=prefix,
+        allowed_hosts="127.0.0.1",
+        build_only_enabled=True,
+        launch_events_file=str(tmp_path_factory.mktemp("events") / "events.jsonl"),
+    )
+    yield svc
+    svc.stop()
+    import docker
+
+    for image in docker.from_env().images.list():
+        for tag in image.tags:
+            if tag.startswith(prefix):
+                built_images.add(tag)
+
+
+@pytest.fixture(scope="module")
+def good_repo(git_server, tmp_path_factory):
+    files = {
+        "a.ipynb": "{}",
+        "postBuild": "#!/bin/sh\nprintf '\\033[32mgreen line\\033[0m\\n'\nsleep 2\necho done\n",
+    }
+    return served_repo(git_server, tmp_path_factory.mktemp("good"), files, "pages-good")
+
+
+def launch_path(url: str, ref: str = "main", query: str = "build_only=true") -> str:
+    return f"/v2/git/{quote(url, safe='')}/{ref}?{query}"
+
+
+def test_home_page_detects_the_provider_and_builds_the_share_snippets(plain_service, page):
+    page.goto(plain_service.url + "/")
+    expect(page).to_have_title(re.compile("binderbox"))
+    og = page.locator('meta[property="og:title"]')
+    assert "binderbox" in og.get_attribute("content")
+    assert page.locator('meta[property="og:description"]').get_attribute("content")
+    options = page.locator("#provider option").evaluate_all("els => els.map(e => e.value)")
+    for name in ["gh", "gl", "gist", "git", "zenodo", "figshare", "hydroshare", "dataverse"]:
+        assert name in options
+    expect(page.locator("#launch")).to_be_disabled()
+
+    page.select_option("#provider", "git")
+    page.get_by_label("Arbitrary git repository URL").fill("")
+    page.locator("#repo").press_sequentially("https://github.com/binder-examples/requirements")
+    expect(page.locator("#provider")).to_have_value("gh")
+    expect(page.locator("#repo")).to_have_value("binder-examples/requirements")
+    link = f"{plain_service.url}/v2/gh/binder-examples/requirements/HEAD"
+    expect(page.locator("#share-url")).to_have_value(link)
+    badge = f"[![Binder]({plain_service.url}/badge_logo.svg)]({link})"
+    expect(page.locator("#badge-md")).to_have_value(badge)
+    expect(page.locator("#badge-rst")).to_have_value(re.compile(f":target: {re.escape(link)}$"))
+
+    page.get_by_label("Git ref (branch, tag, or commit)").fill("main")
+    page.get_by_label("Path to open").fill("index.ipynb")
+    expect(page.locator("#share-url")).to_have_value(
+        f"{plain_service.url}/v2/gh/binder-examples/requirements/main?labpath=index.ipynb"
+    )
+    page.get_by_label("The path is a").select_option("url")
+    expect(page.locator("#share-url")).to_have_value(re.compile(r"\?urlpath=index\.ipynb$"))
+    shot(page, "home")
+
+    # Other addresses: GitLab, a Gist and a DOI.
+    for text, provider, repo in [
+        ("https://gitlab.com/group/sub/project", "gl", "group/sub/project"),
+        ("https://gist.github.com/someone/0123abcd", "gist", "someone/0123abcd"),
+        ("10.5281/zenodo.3242074", "zenodo", "10.5281/zenodo.3242074"),
+    ]:
+        page.locator("#repo").fill(text)
+        expect(page.locator("#provider")).to_have_value(provider)
+        expect(page.locator("#repo")).to_have_value(repo)
+    expect(page.locator("#share-url")).to_have_value(
+        re.compile(r"/v2/zenodo/10\.5281/zenodo\.3242074\?urlpath=")
+    )
+
+    # Keyboard only: Enter in the form launches.
+    page.get_by_label("Path to open").fill("")
+    page.locator("#repo").fill("https://github.com/org/repo")
+    page.locator("#repo").press("Enter")
+    page.wait_for_url(re.compile(r"/v2/gh/org/repo/main$"))
+
+    phone = page.context.browser.new_context(viewport={"width": 390, "height": 844})
+    small = phone.new_page()
+    small.goto(plain_service.url + "/?provider=gh&repo=org%2Frepo")
+    expect(small.locator("#share-url")).to_have_value(re.compile("/v2/gh/org/repo/HEAD$"))
+    width = small.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, "the page scrolls sideways at phone width"
+    shot(small, "home-phone")
+    phone.close()
+
+
+def test_the_launch_page_shows_a_build_only_build(build_service, good_repo, page):
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/build/" in r.url else None)
+    page.goto(build_service.url + launch_path(good_repo))
+    expect(page.locator("h1")).to_have_text(f"Launching {good_repo}")
+    expect(page.locator("#log")).to_contain_text("green line", timeout=600_000)
+    green = page.locator("#log span.ansi-fg-2", has_text="green line")
+    expect(green).to_have_count(1)
+    expect(page.locator('[data-phase="building"]')).to_have_class("current")
+    expect(page).to_have_title(re.compile("^Building"))
+    shot(page, "launch-building")
+    expect(page.locator("#state")).to_contain_text("Built", timeout=600_000)
+    expect(page).to_have_title(re.compile("^Built"))
+    expect(page.locator('[data-phase="ready"]')).to_have_class("done")
+    expect(page.locator("#log")).to_contain_text("done")
+    assert "/v2/git/" in page.url  # no redirect in build_only mode
+    assert page.locator("#favicon").get_attribute("href").startswith("data:image/svg+xml")
+    shot(page, "launch-built")
+    page.wait_for_timeout(4000)  # an event stream left open would reconnect in ~3 s
+    assert len(streams) == 1, streams
+    assert "build_token=" in streams[0]
+
+    # Again: the image is cached.
+    page.goto(build_service.url + launch_path(good_repo))
+    expect(page.locator("#state")).to_contain_text("Built", timeout=120_000)
+    expect(page.locator("#log")).to_contain_text("Found a built image")
+    expect(page.locator('[data-phase="building"]')).to_have_class("skipped")
+
+
+def test_the_launch_page_explains_a_failure(build_service, git_server, tmp_path, page):
+    files = {"postBuild": "#!/bin/sh\necho about-to-fail\nexit 4\n"}
+    url = served_repo(git_server, tmp_path, files, "pages-fail")
+    page.goto(build_service.url + launch_path(url))
+    failure = page.locator("#failure")
+    expect(failure).to_be_visible(timeout=600_000)
+    expect(page.locator("#reason")).to_contain_text("postBuild")
+    expect(page.locator("#reason")).to_contain_text("code 4")
+    expect(page.locator("#reason")).not_to_contain_text("The whole log")
+    expect(page.locator("#log")).to_contain_text("about-to-fail")
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
+    expect(page).to_have_title(re.compile("^Failed"))
+    log_link = page.get_by_role("link", name="Open the full build log")
+    expect(log_link).to_be_visible()
+    href = log_link.get_attribute("href")
+    assert re.search(r"/logs/\w+$", href)
+    response = requests.get(href, timeout=10)
+    assert response.status_code == 200
+    assert "about-to-fail" in response.text
+    shot(page, "launch-failed")
+
+    # An unknown ref fails before any build: no log link, still a reason.
+    page.goto(build_service.url + launch_path(url, ref="no-such-branch"))
+    expect(page.locator("#reason")).to_contain_text("no-such-branch", timeout=60_000)
+    expect(page.get_by_role("link", name="Open the full build log")).to_be_hidden()
+    page.get_by_role("button", name="Retry").click()
+    expect(page.locator("#reason")).to_contain_text("no-such-branch", timeout=60_000)
+
+
+def test_the_status_page(build_service, good_repo, page):
+    events, _ = build_service.events(build_path(good_repo, build_only="true"))
+    assert events[-1]["phase"] == "ready"
+    page.goto(build_service.url + "/status")
+    expect(page.locator("#health")).to_have_text("ok")
+    expect(page.locator(".checks")).to_contain_text("Docker: ok")
+    expect(page.locator("#builds-running")).to_have_text("0")
+    row = page.locator("#launches tbody tr").first
+    expect(row).to_contain_text(good_repo)
+    expect(row).to_contain_text("success")
+    shot(page, "status")
+
+
+def test_launch_page_escapes_the_spec(plain_service, page):
+    page.goto(plain_service.url + "/v2/gh/x/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E/HEAD")
+    expect(page.locator("h1")).to_contain_text("<img src=x onerror=alert(1)>")
+    assert page.locator("main img").count() == 0

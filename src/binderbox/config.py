@@ -127,6 +127,9 @@ class Settings:
     launch_events_file: str = ""
     # Access-Control-Allow-Origin for the API and event stream ("" = no CORS header).
     cors_allow_origin: str = ""
+    # Origin whose pages may call a session's Jupyter server from the browser (its
+    # --ServerApp.allow_origin, e.g. a Jupyter Book using thebe); "" = same origin only.
+    session_allow_origin: str = ""
     # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---
     # Where the hub keeps its config, database, log and lock; the proxy's npm packages go
     # in <state_dir>/node.

@@ -128,6 +128,7 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         f"c.BinderSpawner.mem_limit = {s.session_mem_limit!r}",
         f"c.BinderSpawner.cpu_limit = {float(s.session_cpu_limit)!r}",
         f"c.BinderSpawner.pids_limit = {s.session_pids_limit}",
+        f"c.BinderSpawner.allow_origin = {s.session_allow_origin!r}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -189,6 +190,8 @@ class ManagedHub:
         if self._process is not None:
             raise HubAlreadyRunning("This hub is already started.")
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Outside the clean-up below: when another hub holds the state directory, its
+        # proxy, sessions and database are not ours to touch.
         self._lock()
         try:
             proxy = find_proxy(self.settings)

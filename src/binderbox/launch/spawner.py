@@ -53,6 +53,9 @@ class BinderSpawner(DockerSpawner):
     hub_label = Unicode(
         "", config=True, help="Value of the binderbox.hub label, to find this hub's containers."
     )
+    allow_origin = Unicode(
+        "", config=True, help="The server's allow_origin ('' = same origin only)."
+    )
 
     session: SessionOptions | None = None
     _progress_log: list[dict[str, Any]]
@@ -149,6 +152,7 @@ class BinderSpawner(DockerSpawner):
             "--ip=0.0.0.0",
             f"--port={self.port}",
             "--ServerApp.default_url=/lab",
+            *([f"--ServerApp.allow_origin={self.allow_origin}"] if self.allow_origin else []),
             *self.args,
         ]
 

@@ -387,7 +387,7 @@ def _status_page(
 
         if rows:
             sessions += (
-                '<div class="table-wrap"><table><thead><tr><th scope="col">Image</th>'
+                '<div class="table-wrap"><table><thead><tr><th scope="col">Repository</th>'
                 f'<th scope="col">Sessions</th></tr></thead><tbody>{rows}</tbody></table></div>'
             )
     now = time.time()

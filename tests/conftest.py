@@ -218,3 +218,37 @@ def commit_all(work: Path, message: str = "change") -> str:
     git("add", "-A", cwd=work)
     git("commit", "--quiet", "--allow-empty", "-m", message, cwd=work)
     return git("rev-parse", "HEAD", cwd=work)
+
+
+# ---------- A real browser: Debian's chromium driven by Playwright ----------
+
+CHROMIUM = "/usr/bin/chromium"
+# Screenshots of each page, kept per run as test artefacts (ignored by git).
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """A headless chromium per test module (Playwright cannot download browsers here).
+    Not per session: Playwright's sync API keeps an event loop running in the main thread
+    while it is open, and later tests call asyncio.run()."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def shot(page, name: str, full_page: bool = False) -> None:
+    """Keep a screenshot of ``page`` as artifacts/<name>.png."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)

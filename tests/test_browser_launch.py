@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote, urlparse
 
 import pytest
-from tests.conftest import commit_all, free_port
+from tests.conftest import commit_all, free_port, shot
 from tests.test_serve import Served, serve_env, start_serve, stop_and_clean
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -28,9 +28,6 @@ expect = playwright_sync.expect
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = ROOT / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-component-update"]
 # Where thebe-core is installed from npm (kept between runs; ignored by git).
 NPM_CACHE = ROOT / ".cache-npm" / "thebe"
 THEBE_VERSION = "0.5.0"
@@ -54,11 +51,6 @@ NOTEBOOK = {
         }
     ],
 }
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 class StaticSite:
@@ -115,16 +107,6 @@ def notebook_repo(git_server, tmp_path_factory) -> str:
     (work / "index.ipynb").write_text(json.dumps(NOTEBOOK, indent=1) + "\n")
     commit_all(work)
     return git_server.publish(work, "browser-notebook.git")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs chromium (apt-get install chromium)")
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -190,22 +172,65 @@ def test_launch_from_the_home_page_runs_the_notebook_in_jupyterlab(served, noteb
 
 @pytest.mark.parametrize(
     ("query", "path"),
-    [("urlpath=lab/tree/index.ipynb", "/lab/tree/index.ipynb"), ("urlpath=tree", "/tree")],
+    [
+        # mybinder.org's form and badges (JupyterLab with the file open)
+        ("labpath=index.ipynb", "/lab/tree/index.ipynb"),
+        # Jupyter Book launch buttons: JupyterLab, and the classic interface (Notebook 7
+        # opens a notebook given to /tree at /notebooks)
+        ("urlpath=lab/tree/index.ipynb", "/lab/tree/index.ipynb"),
+        ("urlpath=tree/index.ipynb", "/notebooks/index.ipynb"),
+        # older links
+        ("filepath=index.ipynb", "/notebooks/index.ipynb"),
+        ("urlpath=tree", "/tree"),
+    ],
 )
-def test_a_urlpath_link_lands_on_that_path(served, notebook_repo, page, query, path):
+def test_a_launch_link_lands_on_its_path(served, notebook_repo, page, query, path):
     began = time.monotonic()
     page.goto(f"{served.url}/v2/git/{quote(notebook_repo, safe='')}/main?{query}")
     session = re.compile(r"^http://127\.0\.0\.1:\d+/user/")
     page.wait_for_url(session, timeout=LAUNCH_TIMEOUT)
+    page.wait_for_url(re.compile(re.escape(path) + r"/?(\?.*)?$"), timeout=60_000)
     page.wait_for_load_state()
     landed = urlparse(page.url).path
     assert re.fullmatch(r"/user/[^/]+" + re.escape(path) + "/?", landed), page.url
-    # Not an error page: the file browser (or the open notebook) lists the notebook.
-    # (JupyterLab keeps hidden copies of the name in its layout: look at visible ones only.)
-    listed = page.get_by_text("index.ipynb").filter(visible=True).first
-    expect(listed).to_be_visible(timeout=120_000)
-    shot(page, "urlpath-" + path.strip("/").replace("/", "-"))
+    # Not an error page: the notebook is open with its cell, or the file browser lists it.
+    # (JupyterLab keeps hidden copies of names in its layout: look at visible ones only.)
+    if path.endswith("index.ipynb"):
+        shown = page.get_by_text("print(6*7)").filter(visible=True).first
+    else:
+        shown = page.get_by_text("index.ipynb").filter(visible=True).first
+    expect(shown).to_be_visible(timeout=120_000)
+    shot(page, "link-" + query.replace("/", "-").replace("=", "-"))
     print(f"{query}: {landed} after {time.monotonic() - began:.1f} s")
+
+
+def test_a_failing_repository_shows_the_reason_and_the_log(served, git_server, tmp_path, page):
+    work = tmp_path / "browser-broken"
+    work.mkdir()
+    (work / "requirements.txt").write_text("six\n")
+    (work / "postBuild").write_text("#!/bin/sh\necho setting-things-up\nexit 7\n")
+    commit_all(work)
+    url = git_server.publish(work, "browser-broken.git")
+
+    page.goto(f"{served.url}/v2/git/{quote(url, safe='')}/main?labpath=index.ipynb")
+    expect(page.locator("#failure")).to_be_visible(timeout=LAUNCH_TIMEOUT)
+    reason = page.locator("#reason")
+    expect(reason).to_contain_text("postBuild")
+    expect(reason).to_contain_text("code 7")
+    expect(page.locator("#log")).to_contain_text("setting-things-up")
+    expect(page).to_have_title(re.compile("^Failed"))
+    expect(page.locator('[data-phase="building"]')).to_have_class("failed")
+    expect(page.get_by_role("button", name="Retry")).to_be_focused()
+    log_link = page.get_by_role("link", name="Open the full build log")
+    href = log_link.get_attribute("href")
+    assert href.startswith(served.url + "/logs/"), href
+    with page.context.expect_page() as opened:
+        log_link.click()
+    full = opened.value
+    expect(full.locator("body")).to_contain_text("setting-things-up")
+    full.close()
+    assert "/user/" not in page.url  # nothing was launched
+    shot(page, "serve-launch-failed")
 
 
 THEBE_PAGE = """<!doctype html>

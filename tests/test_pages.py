@@ -4,36 +4,20 @@ service under uvicorn (build_only) and repositories served by a git daemon."""
 from __future__ import annotations
 
 import re
+import socket
+import sqlite3
+import threading
 import uuid
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import requests
+from tests.conftest import free_port, shot
 from tests.test_service_build import Service, build_path, served_repo
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
-
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs chromium (apt-get install chromium)")
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -45,11 +29,6 @@ def page(browser):
     yield page
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +99,7 @@ def test_home_page_detects_the_provider_and_builds_the_share_snippets(plain_serv
     )
     page.get_by_label("The path is a").select_option("url")
     expect(page.locator("#share-url")).to_have_value(re.compile(r"\?urlpath=index\.ipynb$"))
-    shot(page, "home")
+    shot(page, "home", full_page=True)
 
     # Other addresses: GitLab, a Gist and a DOI.
     for text, provider, repo in [
@@ -147,7 +126,7 @@ def test_home_page_detects_the_provider_and_builds_the_share_snippets(plain_serv
     expect(small.locator("#share-url")).to_have_value(re.compile("/v2/gh/org/repo/HEAD$"))
     width = small.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, "the page scrolls sideways at phone width"
-    shot(small, "home-phone")
+    shot(small, "home-phone", full_page=True)
     phone.close()
 
 
@@ -161,14 +140,14 @@ def test_the_launch_page_shows_a_build_only_build(build_service, good_repo, page
     expect(green).to_have_count(1)
     expect(page.locator('[data-phase="building"]')).to_have_class("current")
     expect(page).to_have_title(re.compile("^Building"))
-    shot(page, "launch-building")
+    shot(page, "launch-building", full_page=True)
     expect(page.locator("#state")).to_contain_text("Built", timeout=600_000)
     expect(page).to_have_title(re.compile("^Built"))
     expect(page.locator('[data-phase="ready"]')).to_have_class("done")
     expect(page.locator("#log")).to_contain_text("done")
     assert "/v2/git/" in page.url  # no redirect in build_only mode
     assert page.locator("#favicon").get_attribute("href").startswith("data:image/svg+xml")
-    shot(page, "launch-built")
+    shot(page, "launch-built", full_page=True)
     page.wait_for_timeout(4000)  # an event stream left open would reconnect in ~3 s
     assert len(streams) == 1, streams
     assert "build_token=" in streams[0]
@@ -199,7 +178,7 @@ def test_the_launch_page_explains_a_failure(build_service, git_server, tmp_path,
     response = requests.get(href, timeout=10)
     assert response.status_code == 200
     assert "about-to-fail" in response.text
-    shot(page, "launch-failed")
+    shot(page, "launch-failed", full_page=True)
 
     # An unknown ref fails before any build: no log link, still a reason.
     page.goto(build_service.url + launch_path(url, ref="no-such-branch"))
@@ -219,10 +198,136 @@ def test_the_status_page(build_service, good_repo, page):
     row = page.locator("#launches tbody tr").first
     expect(row).to_contain_text(good_repo)
     expect(row).to_contain_text("success")
-    shot(page, "status")
+    shot(page, "status", full_page=True)
 
 
 def test_launch_page_escapes_the_spec(plain_service, page):
     page.goto(plain_service.url + "/v2/gh/x/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E/HEAD")
     expect(page.locator("h1")).to_contain_text("<img src=x onerror=alert(1)>")
     assert page.locator("main img").count() == 0
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of ``port`` whose connections the test can cut,
+    as a flaky network or a restarted load balancer would."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", free_port()))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.live: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.live += [client, upstream]
+            for a, b in [(client, upstream), (upstream, client)]:
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Drop every open connection, both ways."""
+        with self.lock:
+            live, self.live = self.live, []
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def builds_of(service: Service, repo_url: str) -> int:
+    with sqlite3.connect(Path(service.state_dir) / "binderbox.sqlite") as db:
+        return db.execute("SELECT count(*) FROM builds WHERE repo_url = ?", (repo_url,)).fetchone()[
+            0
+        ]
+
+
+def test_a_dropped_event_stream_reconnects_to_the_same_build(
+    build_service, git_server, tmp_path, page
+):
+    files = {
+        "postBuild": "#!/bin/sh\necho before-the-cut\nsleep 12\necho after-the-cut\n",
+    }
+    url = served_repo(git_server, tmp_path, files, "pages-reconnect")
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/build/" in r.url else None)
+    relay = Relay(build_service.port)
+    try:
+        page.goto(relay.url + launch_path(url))
+        expect(page.locator("#log")).to_contain_text("before-the-cut", timeout=600_000)
+        relay.cut()
+        expect(page.locator("#state")).to_contain_text("Built", timeout=600_000)
+    finally:
+        relay.close()
+    assert len(streams) >= 2, "the page did not reconnect"
+    # The second stream joined the running build and replayed its log from the start,
+    # once: no second build, no line shown twice.
+    assert builds_of(build_service, url) == 1
+    log = page.locator("#log").inner_text()
+    assert log.count("before-the-cut") == 1, log
+    assert "after-the-cut" in log
+    expect(page).to_have_title(re.compile("^Built"))
+
+
+def test_the_pages_work_from_the_keyboard_alone(
+    plain_service, build_service, git_server, tmp_path, page
+):
+    page.goto(plain_service.url + "/")
+    # From the top of the page: Tab through every control, type the repository where the
+    # focus lands in its field, go on to Launch and press it. Each stop shows its focus.
+    reached: list[str] = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            "() => { const e = document.activeElement;"
+            " return e === document.body ? 'body' : e.id || e.textContent.trim(); }"
+        )
+        visible = page.evaluate(
+            "() => { const s = getComputedStyle(document.activeElement);"
+            " return s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) > 0; }"
+        )
+        assert visible, f"no visible focus on {focused} (after {reached})"
+        reached.append(focused)
+        if focused == "repo":
+            page.keyboard.type("https://github.com/org/repo")
+            expect(page.locator("#share-url")).to_have_value(re.compile("/v2/gh/org/repo/HEAD$"))
+        if focused == "launch":
+            break
+    assert reached[:4] == ["Skip to content", "binderbox", "Launch", "Status"], reached
+    assert reached[4:] == ["provider", "repo", "ref", "path", "path-kind", "launch"], reached
+    page.keyboard.press("Space")
+    page.wait_for_url(re.compile(r"/v2/gh/org/repo/HEAD$"))
+
+    # A failed launch puts the focus on Retry; Enter retries.
+    url = served_repo(git_server, tmp_path, {"postBuild": "#!/bin/sh\nexit 3\n"}, "pages-keys")
+    page.goto(build_service.url + launch_path(url, ref="no-such-branch"))
+    retry = page.get_by_role("button", name="Retry")
+    expect(retry).to_be_focused(timeout=60_000)
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    expect(page.locator("#reason")).to_contain_text("no-such-branch", timeout=60_000)

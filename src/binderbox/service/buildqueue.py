@@ -43,7 +43,8 @@ class BuildJob:
 
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.get_running_loop().create_future()
-        changed.set_result(None)
+        if not changed.done():
+            changed.set_result(None)
 
 
 class BuildQueue:
@@ -149,4 +150,6 @@ async def follow(job: BuildJob) -> AsyncIterator[Event]:
         if job.done:
             return
         if index == len(job.events):
-            await changed
+            # Shielded: a follower that goes away (its client disconnected) must not
+            # cancel the wake-up every other follower is waiting for.
+            await asyncio.shield(changed)

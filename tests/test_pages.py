@@ -331,3 +331,28 @@ def test_the_pages_work_from_the_keyboard_alone(
     with page.expect_navigation():
         page.keyboard.press("Enter")
     expect(page.locator("#reason")).to_contain_text("no-such-branch", timeout=60_000)
+
+
+def test_a_shared_launch_link_previews_and_fits_a_phone(build_service, good_repo, browser):
+    # Chat apps and social sites read the tags without running scripts.
+    link = build_service.url + launch_path(good_repo)
+    html = requests.get(link, timeout=10).text
+    tags = dict(re.findall(r'<meta (?:property|name)="([^"]+)" content="([^"]*)"', html))
+    assert tags["og:title"].startswith("Launching git/") and "pages-good" in tags["og:title"]
+    assert "pages-good" in tags["og:description"]
+    assert tags["twitter:card"] == "summary"
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    small = phone.new_page()
+    for path, name in [(launch_path(good_repo), "launch-phone"), ("/status", "status-phone")]:
+        small.goto(build_service.url + path)
+        if name == "launch-phone":
+            expect(small.locator("#state")).to_contain_text("Built", timeout=600_000)
+        width = small.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"{path} scrolls sideways at phone width ({width}px)"
+        clipped = small.evaluate(
+            "[...document.querySelectorAll('.table-wrap')]"
+            ".filter(e => e.scrollWidth > e.clientWidth).length"
+        )
+        assert clipped == 0, f"a table on {path} is wider than a phone"
+        shot(small, name, full_page=True)
+    phone.close()

@@ -29,6 +29,8 @@ _VERTEX_HEADER = re.compile(r"^#(?P<id>\d+) \[[^\]]*\] (?P<instruction>.*)$")
 _VERTEX_LINE = re.compile(r"^#(?P<id>\d+) (?:\d+\.\d+ )?(?P<text>.*)$")
 _VERTEX_ERROR = re.compile(r"^#(?P<id>\d+) ERROR: (?P<text>.*)$")
 _EXIT_CODE = re.compile(r"exit code: (?P<code>\d+)")
+# BuildKit names each step's digest on a line of its own: nothing a reader can use.
+_DIGEST_ONLY = re.compile(r"#\d+ sha256:[0-9a-f]{64}")
 
 # Known failure causes in the log, turned into words for the user.
 _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -164,7 +166,8 @@ class DockerEngine:
             for raw in process.stdout:
                 line = raw.rstrip("\n")
                 log.add(line)
-                on_line(line)
+                if not _DIGEST_ONLY.fullmatch(line):
+                    on_line(line)
             code = process.wait()
         finally:
             timer.cancel()

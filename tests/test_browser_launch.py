@@ -165,6 +165,8 @@ def test_launch_from_the_home_page_runs_the_notebook_in_jupyterlab(served, noteb
                 raise
             key = "Control+Enter"
     expect(cell.locator(".jp-InputPrompt")).to_contain_text(re.compile(r"\[\d+\]"))
+    # A throwaway session does not ask whether to fetch Jupyter news.
+    expect(page.get_by_text("Jupyter news")).to_have_count(0)
     shot(page, "jupyterlab")
     print(f"home page to JupyterLab: {launched:.1f} s, to 42: {time.monotonic() - began:.1f} s")
     print(f"cell runs needed: {tries}")

@@ -340,6 +340,10 @@ def server_stack_command() -> str:
         # jsonschema builds ~35 parsers when this optional format checker is importable,
         # about half a second of every session's start; Jupyter works without it.
         + f" && uv pip uninstall --python {stack.VENV}/bin/python rfc3987-syntax"
+        # No "get Jupyter news?" question in every throwaway session, and no session
+        # reaching out to jupyter.org for news and updates.
+        + f" && {stack.VENV}/bin/jupyter labextension disable --level=sys_prefix"
+        " @jupyterlab/apputils-extension:announcements >/dev/null"
     )
 
 

@@ -24,7 +24,7 @@ import websocket
 from tests.conftest import free_port
 
 from binderbox.config import Settings, load_settings
-from binderbox.errors import UsageError
+from binderbox.errors import BinderboxError, UsageError
 from binderbox.events import Event
 from binderbox.launch import (
     HubAlreadyRunning,
@@ -36,7 +36,7 @@ from binderbox.launch import (
     ensure_proxy,
     launch,
 )
-from binderbox.launch.hub import render_config
+from binderbox.launch.hub import ensure_session_network, render_config
 from binderbox.launch.options import LABEL_HUB, LABEL_USER, parse_user_options
 
 TOKEN = "ab" * 24
@@ -104,6 +104,8 @@ def test_hub_config_keeps_everything_on_localhost_and_scopes_the_service(tmp_pat
     assert "'--timeout=20', '--cull-every=5', '--max-age=60', '--cull-users=True'" in text
     assert "c.JupyterHub.last_activity_interval = 5" in text
     assert "c.BinderSpawner.mem_limit = '2G'" in text
+    assert "c.BinderSpawner.network_name = 'binderbox-sessions'" in text
+    assert "c.BinderSpawner.use_internal_ip = False" in text
     no_culler = render_config(
         settings.with_overrides(cull_idle_timeout=0),
         state_dir=tmp_path,
@@ -124,6 +126,8 @@ def test_session_settings_are_checked(tmp_path: Path) -> None:
         ({"hub_port": 8000}, "must differ"),
         ({"session_pids_limit": 0}, "positive"),
         ({"cull_max_age": -1}, "0 \\(off\\)"),
+        ({"session_network": "bridge"}, "not bridge"),
+        ({"session_network": "x y"}, "session_network"),
     ]:
         with pytest.raises(UsageError, match=message):
             Settings().with_overrides(**bad)
@@ -333,6 +337,56 @@ def test_session_container_is_locked_down(
         assert caps.output.decode().split() == ["CapEff:", "0" * 16, "NoNewPrivs:", "1"]
     finally:
         delete_user(hub, session.user)
+
+
+@pytest.mark.docker
+def test_sessions_cannot_reach_each_other(
+    hub: ManagedHub, tiny_image: str, docker_client: docker.DockerClient
+) -> None:
+    first, second = start_session(hub, tiny_image), start_session(hub, tiny_image)
+    try:
+        (a,) = session_containers(docker_client, **{LABEL_USER: first.user})
+        (b,) = session_containers(docker_client, **{LABEL_USER: second.user})
+        network = hub.settings.session_network
+        assert set(a.attrs["NetworkSettings"]["Networks"]) == {network}
+        address = b.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        probe = (
+            "import socket\n"
+            f"socket.create_connection(({address!r}, 8888), timeout=3).close()\n"
+            "print('connected')\n"
+        )
+        # The host (the proxy's side) reaches the second session's server at that address…
+        with socket.create_connection((address, 8888), timeout=3):
+            pass
+        # …the first session does not.
+        attempt = a.exec_run(["python3", "-c", probe])
+        assert attempt.exit_code != 0, attempt.output.decode()
+        assert b"connected" not in attempt.output
+        assert b"timed out" in attempt.output or b"refused" in attempt.output, attempt.output
+    finally:
+        delete_user(hub, first.user)
+        delete_user(hub, second.user)
+
+
+@pytest.mark.docker
+def test_a_session_network_open_between_containers_is_refused(
+    docker_client: docker.DockerClient,
+) -> None:
+    name = f"binderbox-test-open-{uuid.uuid4().hex[:6]}"
+    docker_client.networks.create(name, driver="bridge")
+    try:
+        with pytest.raises(BinderboxError, match=f"'{name}' lets containers reach each other"):
+            ensure_session_network(docker_client, name)
+    finally:
+        docker_client.networks.get(name).remove()
+    # A missing one is created isolated, and accepted from then on.
+    try:
+        ensure_session_network(docker_client, name)
+        ensure_session_network(docker_client, name)
+        options = docker_client.networks.get(name).attrs["Options"]
+        assert options["com.docker.network.bridge.enable_icc"] == "false"
+    finally:
+        docker_client.networks.get(name).remove()
 
 
 @pytest.mark.docker

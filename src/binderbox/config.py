@@ -146,6 +146,9 @@ class Settings:
     session_mem_limit: str = "2G"
     session_cpu_limit: float = 1.0
     session_pids_limit: int = 1024
+    # The Docker network sessions run on, created if missing with traffic between its
+    # containers turned off: one session cannot reach another's server or kernels.
+    session_network: str = "binderbox-sessions"
     # Seconds a session may take from the spawn request until Jupyter answers.
     session_start_timeout: int = 120
     # Culling: seconds without traffic (0 never culls), maximum age in seconds (0: none),
@@ -251,6 +254,13 @@ def _validate_sessions(settings: Settings) -> None:
     for name in ("cull_idle_timeout", "cull_max_age"):
         if getattr(settings, name) < 0:
             raise UsageError(f"Setting '{name}' must be 0 (off) or a number of seconds.")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", settings.session_network) or (
+        settings.session_network in {"bridge", "host", "none", "default"}
+    ):
+        raise UsageError(
+            "Setting 'session_network' must be the name of a Docker network of binderbox's "
+            "own (letters, digits, '_', '.', '-'; not bridge, host or none)."
+        )
 
 
 def load_settings(

@@ -129,6 +129,10 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         f"c.BinderSpawner.cpu_limit = {float(s.session_cpu_limit)!r}",
         f"c.BinderSpawner.pids_limit = {s.session_pids_limit}",
         f"c.BinderSpawner.allow_origin = {s.session_allow_origin!r}",
+        # Sessions sit on their own network, isolated from each other; the proxy still
+        # reaches each one through its port published on 127.0.0.1.
+        f"c.BinderSpawner.network_name = {s.session_network!r}",
+        "c.BinderSpawner.use_internal_ip = False",
     ]
     return "\n".join(lines) + "\n"
 
@@ -206,7 +210,7 @@ class ManagedHub:
             self._check_ports()
             # Sessions a previous hub of this state directory left running are adopted:
             # the hub finds them through its database, routes them and culls them.
-            _docker_client()
+            ensure_session_network(_docker_client(), self.settings.session_network)
             config = self.state_dir / CONFIG_FILE
             text = render_config(
                 self.settings, state_dir=self.state_dir, proxy=proxy, hub_id=self.hub_id
@@ -385,6 +389,43 @@ def _end_process(pid: int, grace: float = 5) -> None:
             if status.rsplit(")", 1)[-1].split()[0] == "Z":  # exited, not yet reaped
                 return
             time.sleep(0.05)
+
+
+# Docker's bridge driver option that, set to "false", drops traffic between containers.
+_ICC = "com.docker.network.bridge.enable_icc"
+
+
+def ensure_session_network(client: docker.DockerClient, name: str) -> None:
+    """Make sure the bridge network ``name`` exists with traffic between containers off;
+    refuse one that lets containers talk to each other."""
+    for _ in range(2):
+        found = [n for n in client.networks.list(names=[name]) if n.name == name]
+        if found:
+            network = found[0]
+            network.reload()
+            attrs = network.attrs
+            if attrs.get("Driver") != "bridge" or attrs.get("Options", {}).get(_ICC) != "false":
+                raise BinderboxError(
+                    f"The Docker network '{name}' lets containers reach each other; remove "
+                    f"it ('docker network rm {name}') so binderbox creates an isolated one, "
+                    "or set 'session_network' to another name."
+                )
+            return
+        try:
+            client.networks.create(
+                name,
+                driver="bridge",
+                options={_ICC: "false"},
+                labels={"binderbox.role": "sessions"},
+                check_duplicate=True,
+            )
+        except docker.errors.APIError as error:
+            if error.status_code != 409:  # 409: another hub created it just now
+                raise BinderboxError(
+                    f"The Docker network '{name}' for sessions cannot be created: "
+                    f"{error.explanation or error}"
+                ) from None
+    raise BinderboxError(f"The Docker network '{name}' for sessions cannot be found.")
 
 
 def _docker_client() -> docker.DockerClient:

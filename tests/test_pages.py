@@ -97,8 +97,12 @@ def test_home_page_detects_the_provider_and_builds_the_share_snippets(plain_serv
     expect(page.locator("#share-url")).to_have_value(
         f"{plain_service.url}/v2/gh/binder-examples/requirements/main?labpath=index.ipynb"
     )
+    page.get_by_label("The path is a").select_option("notebook")
+    expect(page.locator("#share-url")).to_have_value(
+        re.compile(r"/main\?urlpath=tree%2Findex\.ipynb$")
+    )
     page.get_by_label("The path is a").select_option("url")
-    expect(page.locator("#share-url")).to_have_value(re.compile(r"\?urlpath=index\.ipynb$"))
+    expect(page.locator("#share-url")).to_have_value(re.compile(r"/main\?urlpath=index\.ipynb$"))
     shot(page, "home", full_page=True)
 
     # Other addresses: GitLab, a Gist and a DOI.

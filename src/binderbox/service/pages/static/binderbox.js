@@ -83,6 +83,8 @@ function initHome() {
     if (!base) return "";
     const target = path.value.trim();
     if (!target) return location.origin + base;
+    // labpath opens a file in JupyterLab; the classic Notebook view opens it at tree/.
+    if (kind.value === "notebook") return location.origin + base + "?urlpath=" + encodeURIComponent("tree/" + target.replace(/^\/+/, ""));
     const key = kind.value === "url" ? "urlpath" : "labpath";
     return location.origin + base + "?" + key + "=" + encodeURIComponent(target);
   }
@@ -136,7 +138,7 @@ function initHome() {
   repo.value = saved.get("repo") || "";
   ref.value = saved.get("ref") || "";
   path.value = saved.get("path") || "";
-  if (saved.get("kind") === "url") kind.value = "url";
+  if (["url", "notebook"].includes(saved.get("kind"))) kind.value = saved.get("kind");
   relabel();
   update();
 }

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -469,8 +470,15 @@ def benchmark(tools: Tools, repeat: int, work: Path) -> dict[str, list[Run]]:
     return runs
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_cli(
+    description: str,
+    benchmark_fn: Callable[[Tools, int, Path], dict[str, list[Run]]],
+    finish: Callable[[dict[str, list[Run]], int, str | None], int],
+    tmp_prefix: str,
+) -> int:
+    """The command line every build benchmark shares: options, a scratch folder, clean-up
+    of the images built (also on Ctrl-C and SIGTERM), then ``finish(runs, repeat, json)``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--quick", action="store_true", help="one repetition (smoke run)")
     parser.add_argument("--docker", default="/usr/bin/docker", help="docker CLI (BuildKit)")
@@ -488,15 +496,15 @@ def main() -> int:
     if not Path(binderbox_cli).exists():
         binderbox_cli = shutil.which("binderbox") or str(REPO_ROOT / ".venv/bin/binderbox")
     if not HOST_CA_BUNDLE.is_file():
-        print(f"error: {HOST_CA_BUNDLE} is missing; the baseline needs it for pip")
+        print(f"error: {HOST_CA_BUNDLE} is missing; pip in the baseline builds needs it")
         return 2
 
     # SIGTERM runs the clean-up below, like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tools = Tools(args.docker, binderbox_cli)
-    with tempfile.TemporaryDirectory(prefix="binderbox-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix) as tmp:
         try:
-            runs = benchmark(tools, repeat, Path(tmp))
+            runs = benchmark_fn(tools, repeat, Path(tmp))
         except (BenchError, subprocess.TimeoutExpired) as error:
             print(f"\nerror: {error}", file=sys.stderr)
             return 2
@@ -505,9 +513,13 @@ def main() -> int:
             return 130
         finally:
             tools.remove_images()
+    return finish(runs, repeat, args.json_out)
+
+
+def finish(runs: dict[str, list[Run]], repeat: int, json_out: str | None) -> int:
     lines, all_met = report(runs, repeat)
     print("\n".join(lines))
-    if args.json_out:
+    if json_out:
         data = {
             "date": datetime.date.today().isoformat(),
             "repeat": repeat,
@@ -515,8 +527,12 @@ def main() -> int:
             "summary": summary(runs),
             "runs": {k: [r.__dict__ for r in v] for k, v in runs.items()},
         }
-        Path(args.json_out).write_text(json.dumps(data, indent=1) + "\n")
+        Path(json_out).write_text(json.dumps(data, indent=1) + "\n")
     return 0 if all_met else 1
+
+
+def main() -> int:
+    return run_cli(__doc__.split("\n\n")[0], benchmark, finish, "binderbox-bench-")
 
 
 if __name__ == "__main__":

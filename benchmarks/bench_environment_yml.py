@@ -25,28 +25,23 @@ builds on the machine lose their cache too (and slow the measurements while they
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # After the path set-up above; bench_build also puts src/ on the path.
 from bench_build import (
-    REPO_ROOT,
     BenchError,
     Run,
     Tools,
     machine_report,
     median_run,
     notebook,
+    run_cli,
 )
 
 from binderbox.build import conda
@@ -193,41 +188,9 @@ def report(runs: dict[str, list[Run]], repeat: int) -> list[str]:
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
-    parser.add_argument("--quick", action="store_true", help="one repetition (smoke run)")
-    parser.add_argument("--docker", default="/usr/bin/docker", help="docker CLI (BuildKit)")
-    parser.add_argument(
-        "--binderbox",
-        default=str(Path(sys.executable).with_name("binderbox")),
-        help="binderbox command (default: beside this Python)",
-    )
-    parser.add_argument("--json", dest="json_out", help="also write the results to this file")
-    args = parser.parse_args()
-    repeat = 1 if args.quick else args.repeat
-    if repeat < 1:
-        parser.error("--repeat must be at least 1")
-    binderbox_cli = args.binderbox
-    if not Path(binderbox_cli).exists():
-        binderbox_cli = shutil.which("binderbox") or str(REPO_ROOT / ".venv/bin/binderbox")
-
-    # SIGTERM runs the clean-up below, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tools = Tools(args.docker, binderbox_cli)
-    with tempfile.TemporaryDirectory(prefix="binderbox-bench-env-") as tmp:
-        try:
-            runs = benchmark(tools, repeat, Path(tmp))
-        except (BenchError, subprocess.TimeoutExpired) as error:
-            print(f"\nerror: {error}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted; removing the images built so far", file=sys.stderr)
-            return 130
-        finally:
-            tools.remove_images()
+def finish(runs: dict[str, list[Run]], repeat: int, json_out: str | None) -> int:
     print("\n".join(report(runs, repeat)))
-    if args.json_out:
+    if json_out:
         data = {
             "date": datetime.date.today().isoformat(),
             "repeat": repeat,
@@ -235,8 +198,12 @@ def main() -> int:
             "requirements": derived_requirements().splitlines(),
             "runs": {k: [r.__dict__ for r in v] for k, v in runs.items()},
         }
-        Path(args.json_out).write_text(json.dumps(data, indent=1) + "\n")
+        Path(json_out).write_text(json.dumps(data, indent=1) + "\n")
     return 0
+
+
+def main() -> int:
+    return run_cli(__doc__.split("\n\n")[0], benchmark, finish, "binderbox-bench-env-")
 
 
 if __name__ == "__main__":

@@ -360,3 +360,81 @@ def test_a_shared_launch_link_previews_and_fits_a_phone(build_service, good_repo
         assert clipped == 0, f"a table on {path} is wider than a phone"
         shot(small, name, full_page=True)
     phone.close()
+
+
+@pytest.fixture(scope="module")
+def one_build_service(base_image, built_images):
+    """One build at a time: a second repository waits in the queue."""
+    prefix = f"binderbox-pages1-{uuid.uuid4().hex[:6]}-"
+    svc = Service(
+        image_prefix=prefix,
+        allowed_hosts="127.0.0.1",
+        build_only_enabled=True,
+        build_concurrency=1,
+    )
+    yield svc
+    svc.stop()
+    import docker
+
+    for image in docker.from_env().images.list():
+        for tag in image.tags:
+            if tag.startswith(prefix):
+                built_images.add(tag)
+
+
+def test_the_log_follows_until_the_reader_scrolls_up_and_a_queued_launch_shows_its_place(
+    one_build_service, git_server, tmp_path, browser
+):
+    long_build = served_repo(
+        git_server,
+        tmp_path,
+        {
+            "postBuild": "#!/bin/sh\n"
+            "for i in $(seq 1 200); do echo first-part-$i; done\n"
+            "sleep 6\n"
+            "for i in $(seq 1 200); do echo second-part-$i; done\n"
+            "sleep 6\n"
+            "for i in $(seq 1 200); do echo third-part-$i; done\n"
+        },
+        "pages-long",
+    )
+    queued = served_repo(git_server, tmp_path, {"a.ipynb": "{}"}, "pages-queued")
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        reader = context.new_page()
+        reader.goto(one_build_service.url + launch_path(long_build))
+        log = reader.locator("#log")
+        expect(log).to_contain_text("first-part-200", timeout=600_000)
+
+        # The second repository waits for the only build slot, and says so.
+        waiting = context.new_page()
+        waiting.goto(one_build_service.url + launch_path(queued))
+        expect(waiting.locator("#state")).to_contain_text("position 1 in the queue")
+        expect(waiting).to_have_title(re.compile(r"^Queued \(1\)"))
+        expect(waiting.locator('[data-phase="waiting"]')).to_have_class("current")
+        shot(waiting, "launch-queued", full_page=True)
+
+        # Following: the newest line is in view.
+        at_bottom = "e => e.scrollTop + e.clientHeight >= e.scrollHeight - 12"
+        assert log.evaluate(at_bottom)
+        expect(reader.locator("#log-paused")).to_be_hidden()
+        # The reader scrolls up: new lines no longer pull the log down.
+        log.hover()
+        reader.mouse.wheel(0, -100_000)
+        expect(reader.locator("#log-paused")).to_be_visible()
+        top = log.evaluate("e => e.scrollTop")
+        expect(log).to_contain_text("second-part-200", timeout=120_000)
+        assert log.evaluate("e => e.scrollTop") == top
+        assert not log.evaluate(at_bottom)
+        # Back at the bottom, it follows again.
+        reader.mouse.wheel(0, 1_000_000)
+        expect(reader.locator("#log-paused")).to_be_hidden()
+        expect(log).to_contain_text("third-part-200", timeout=120_000)
+        assert log.evaluate(at_bottom)
+        expect(reader.locator("#state")).to_contain_text("Built", timeout=600_000)
+
+        # The queued build starts when the slot frees, and ends.
+        expect(waiting.locator("#state")).to_contain_text("Built", timeout=600_000)
+        assert waiting.locator('[data-phase="waiting"]').get_attribute("class") == "done"
+    finally:
+        context.close()

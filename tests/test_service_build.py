@@ -123,6 +123,7 @@ def test_build_only_streams_the_phases_and_then_reuses_the_image(service, git_se
     url = served_repo(git_server, tmp_path, {"requirements.txt": "six\n", "a.ipynb": "{}"}, "svc1")
     events, _ = service.events(build_path(url, build_only="true"))
     assert phases(events)[0] == "fetching"
+    assert events[0]["message"] == f"Resolving main of {url}"
     assert phases(events)[-2:] == ["built", "ready"]
     assert "building" in phases(events)
     ready = events[-1]

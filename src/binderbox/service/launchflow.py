@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from binderbox.build.engine import DockerEngine
 from binderbox.build.pipeline import BuildRequest, build_repository
@@ -225,13 +225,24 @@ async def _record(
     ctx.metrics.launch_seconds.labels(status).observe(seconds)
 
 
+def _resolving_message(provider: str, spec: str) -> str:
+    """What is being resolved, in the words of the repository's own address."""
+    if provider in CONTENT_PROVIDERS:
+        return f"Resolving the {provider} record {unquote(spec)}"
+    try:
+        parsed = parse_spec(provider, spec)
+    except BinderboxError:
+        return f"Resolving {provider}/{unquote(spec)}"
+    return f"Resolving {parsed.ref} of {parsed.repo_url}"
+
+
 async def _launch(
     request: LaunchRequest, ctx: ServiceContext, found: list[ResolvedLaunch]
 ) -> AsyncIterator[Event]:
     settings = ctx.settings
     if ctx.limits:
         ctx.limits.check_spec(request.provider, request.spec)
-    yield Event("fetching", f"Resolving {request.provider}/{request.spec}")
+    yield Event("fetching", _resolving_message(request.provider, request.spec))
     resolved = await asyncio.to_thread(
         resolve_launch, request.provider, request.spec, settings, ctx.refs
     )

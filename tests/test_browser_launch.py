@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote, urlparse
 
 import pytest
+import requests
 from tests.conftest import commit_all, free_port, shot
 from tests.test_serve import Served, serve_env, start_serve, stop_and_clean
 
@@ -233,6 +234,34 @@ def test_a_failing_repository_shows_the_reason_and_the_log(served, git_server, t
     full.close()
     assert "/user/" not in page.url  # nothing was launched
     shot(page, "serve-launch-failed")
+
+
+def test_the_status_page_counts_running_sessions_per_repository(served, notebook_repo, page):
+    # One more session of the notebook repository, launched as a script would.
+    stream = requests.get(
+        f"{served.url}/build/git/{quote(notebook_repo, safe='')}/main",
+        headers={"Accept": "text/event-stream"},
+        stream=True,
+        timeout=LAUNCH_TIMEOUT / 1000,
+    )
+    phases = [
+        json.loads(line[6:])["phase"]
+        for line in stream.iter_lines(decode_unicode=True)
+        if line.startswith("data: ")
+    ]
+    assert phases[-1] == "ready", phases
+    page.goto(served.url + "/status")
+    expect(page.locator("#health")).to_have_text("ok")
+    expect(page.locator(".checks")).to_contain_text("JupyterHub: ok")
+    total = int(page.locator("#sessions-total").inner_text())
+    assert total >= 1
+    # Counted by repository address, as people know it.
+    row = page.locator("section[aria-labelledby=sessions-title] tbody tr", has_text=notebook_repo)
+    expect(row).to_have_count(1)
+    assert 1 <= int(row.locator("td.num").inner_text()) <= total
+    launches = page.locator("#launches tbody tr", has_text="browser-notebook.git")
+    expect(launches.first).to_contain_text("success")
+    shot(page, "serve-status", full_page=True)
 
 
 THEBE_PAGE = """<!doctype html>

@@ -174,16 +174,20 @@ class HubClient:
 
     async def running_images(self) -> list[str]:
         """The image of every server that runs or is starting (for quotas)."""
+        return [image for image, _ in await self.running_sessions()]
+
+    async def running_sessions(self) -> list[tuple[str, str]]:
+        """(image, repository address) of every server that runs or is starting."""
         response = await self._request("GET", "/users?state=active")
         if response.status_code != 200:
             raise HubError(f"The hub did not list its users: {_reason(response)}")
-        images = []
+        sessions = []
         for user in response.json():
             for server in (user.get("servers") or {}).values():
-                image = (server.get("user_options") or {}).get("image")
-                if image:
-                    images.append(str(image))
-        return images
+                options = server.get("user_options") or {}
+                if options.get("image"):
+                    sessions.append((str(options["image"]), str(options.get("repo_url", ""))))
+        return sessions
 
     async def server_url(self, name: str) -> str:
         """The public URL of ``name``'s running server, ending in ``/``."""

@@ -109,6 +109,9 @@ class HubLauncher:
     async def running_images(self) -> list[str]:
         return await self.client.running_images()
 
+    async def running_sessions(self) -> list[tuple[str, str]]:
+        return await self.client.running_sessions()
+
     async def launch(
         self, image: str, binder_env: Mapping[str, str] | None = None
     ) -> AsyncIterator[Event]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -50,6 +51,8 @@ from binderbox.service.specs import PROVIDERS, parse_spec
 from binderbox.store import BuildStore, LaunchRecord
 
 KEEPALIVE_SECONDS = 25.0
+
+logger = logging.getLogger(__name__)
 
 
 def sse(event: Event) -> str:
@@ -242,13 +245,14 @@ def create_app(
     async def status_page(request: Request) -> Response:
         ok, checks = await health_checks()
         launches = await asyncio.to_thread(store.recent_launches, 30)
-        images: list[str] | None = None
+        sessions: list[tuple[str, str]] | str | None = None
         if launcher is not None:
             try:
-                images = await launcher.running_images()
+                sessions = await launcher.running_sessions()
             except Exception:  # the page still shows everything else
-                images = None
-        page = _status_page(ok, checks, ctx.queue, settings, launches, images)
+                logger.exception("the status page could not list the sessions")
+                sessions = "The sessions cannot be listed right now: the hub did not answer."
+        page = _status_page(ok, checks, ctx.queue, settings, launches, sessions)
         return HTMLResponse(page, status_code=200 if ok else 503)
 
     return Starlette(
@@ -364,8 +368,10 @@ def _status_page(
     queue: BuildQueue,
     settings: Settings,
     launches: list[LaunchRecord],
-    images: list[str] | None,
+    sessions: list[tuple[str, str]] | str | None,
 ) -> str:
+    """``sessions``: (image, repository) pairs, a reason they are unknown, or None
+    when this binderbox runs no sessions."""
     esc = html.escape
     check_items = "".join(
         f'<li><span class="{"ok" if c["ok"] else "bad"}">{"✓" if c["ok"] else "✗"}</span> '
@@ -374,19 +380,24 @@ def _status_page(
         + "</li>"
         for c in checks
     )
-    if images is None:
-        sessions = '<p class="hint">This binderbox only builds images; it runs no sessions.</p>'
+    if sessions is None:
+        sessions_html = (
+            '<p class="hint">This binderbox only builds images; it runs no sessions.</p>'
+        )
+    elif isinstance(sessions, str):
+        sessions_html = f'<p class="bad">{esc(sessions)}</p>'
     else:
-        per_repo = Counter(image.rsplit(":", 1)[0] for image in images)
+        per_repo = Counter(repo or image.rsplit(":", 1)[0] for image, repo in sessions)
         rows = "".join(
             f'<tr><td class="spec">{esc(repo)}</td><td class="num">{count}</td></tr>'
             for repo, count in per_repo.most_common()
         )
         limit = f" (at most {settings.total_quota} in all)" if settings.total_quota else ""
-        sessions = f'<p><strong id="sessions-total">{len(images)}</strong> running{limit}.</p>'
-
+        sessions_html = (
+            f'<p><strong id="sessions-total">{len(sessions)}</strong> running{limit}.</p>'
+        )
         if rows:
-            sessions += (
+            sessions_html += (
                 '<div class="table-wrap"><table><thead><tr><th scope="col">Repository</th>'
                 f'<th scope="col">Sessions</th></tr></thead><tbody>{rows}</tbody></table></div>'
             )
@@ -418,6 +429,6 @@ def _status_page(
         running=queue.running,
         waiting=queue.waiting,
         concurrency=settings.build_concurrency,
-        sessions=sessions,
+        sessions=sessions_html,
         launches=launch_table,
     )

@@ -53,6 +53,8 @@ class Launcher(Protocol):
 
     async def running_images(self) -> list[str]: ...
 
+    async def running_sessions(self) -> list[tuple[str, str]]: ...
+
 
 @dataclass(frozen=True)
 class LaunchRequest:

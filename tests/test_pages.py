@@ -148,6 +148,7 @@ def test_the_launch_page_shows_a_build_only_build(build_service, good_repo, page
     expect(page.locator("#state")).to_contain_text("Built", timeout=600_000)
     expect(page).to_have_title(re.compile("^Built"))
     expect(page.locator('[data-phase="ready"]')).to_have_class("done")
+    expect(page.locator('[data-phase="waiting"]')).to_have_class("skipped")  # a slot was free
     expect(page.locator("#log")).to_contain_text("done")
     assert "/v2/git/" in page.url  # no redirect in build_only mode
     assert page.locator("#favicon").get_attribute("href").startswith("data:image/svg+xml")

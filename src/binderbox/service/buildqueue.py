@@ -96,8 +96,8 @@ class BuildQueue:
         loop = asyncio.get_running_loop()
         async with self._slots:
             self._waiting.remove(job)
-            self._announce_positions()
             self.running += 1
+            self._announce_positions()
             began = time.monotonic()
             store = self.store
 
@@ -127,8 +127,14 @@ class BuildQueue:
                 self.on_finish(job, time.monotonic() - began)
 
     def _announce_positions(self) -> None:
-        for position, job in enumerate(self._waiting, start=1):
-            ahead = position - 1 + self.running
+        """Tell each build that has to wait for a slot where it stands; builds that get a
+        free slot at once are not told they wait."""
+        free = self.limit - self.running
+        for index, job in enumerate(self._waiting, start=1):
+            position = index - free
+            if position < 1:
+                continue
+            ahead = self.running + index - 1
             job.add(
                 Event(
                     "waiting",

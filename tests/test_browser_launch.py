@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -259,6 +260,9 @@ def test_the_status_page_counts_running_sessions_per_repository(served, notebook
     row = page.locator("section[aria-labelledby=sessions-title] tbody tr", has_text=notebook_repo)
     expect(row).to_have_count(1)
     assert 1 <= int(row.locator("td.num").inner_text()) <= total
+    # Whether sessions are fenced off from this machine and private networks.
+    state = "on" if os.geteuid() == 0 else "off"
+    expect(page.locator("p.note")).to_contain_text(f"Session firewall: {state}")
     launches = page.locator("#launches tbody tr", has_text="browser-notebook.git")
     expect(launches.first).to_contain_text("success")
     shot(page, "serve-status", full_page=True)

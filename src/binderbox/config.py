@@ -6,6 +6,7 @@ Precedence, lowest first: defaults, the TOML file, the environment, command-line
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import shutil
@@ -149,6 +150,16 @@ class Settings:
     # The Docker network sessions run on, created if missing with traffic between its
     # containers turned off: one session cannot reach another's server or kernels.
     session_network: str = "binderbox-sessions"
+    # Firewall rules that keep sessions from this machine's services and the networks
+    # below: "auto" sets them when binderbox runs as root (and says so when it cannot),
+    # "required" refuses to start without them, "off" leaves sessions unguarded.
+    session_firewall: str = "auto"
+    # Networks sessions may not connect to (DNS to the host's resolvers still works):
+    # private and link-local ranges by default, where cloud metadata and internal
+    # services live.
+    session_blocked_networks: str = (
+        "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,169.254.0.0/16"
+    )
     # Seconds a session may take from the spawn request until Jupyter answers.
     session_start_timeout: int = 120
     # Culling: seconds without traffic (0 never culls), maximum age in seconds (0: none),
@@ -236,6 +247,22 @@ def size_in_bytes(text: str, name: str = "size") -> float:
     return float(match[1]) * 1024 ** "_KMGT".index(match[2] or "_")
 
 
+def parse_networks(text: str) -> list[str]:
+    """The IPv4 networks of a comma- or space-separated list; ValueError names a bad one."""
+    networks = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"'{item}' is not a network such as 10.0.0.0/8") from None
+        if network.version != 4:
+            raise ValueError(f"'{item}' is IPv6; session networks are IPv4 only")
+        networks.append(str(network))
+    return networks
+
+
 def _validate_sessions(settings: Settings) -> None:
     for name in ("sessions_port", "hub_port", "proxy_api_port"):
         if not 0 < getattr(settings, name) < 65536:
@@ -254,6 +281,12 @@ def _validate_sessions(settings: Settings) -> None:
     for name in ("cull_idle_timeout", "cull_max_age"):
         if getattr(settings, name) < 0:
             raise UsageError(f"Setting '{name}' must be 0 (off) or a number of seconds.")
+    if settings.session_firewall not in {"auto", "required", "off"}:
+        raise UsageError("Setting 'session_firewall' must be auto, required or off.")
+    try:
+        parse_networks(settings.session_blocked_networks)
+    except ValueError as error:
+        raise UsageError(f"Setting 'session_blocked_networks': {error}.") from None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", settings.session_network) or (
         settings.session_network in {"bridge", "host", "none", "default"}
     ):

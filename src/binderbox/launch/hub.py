@@ -28,6 +28,7 @@ import httpx
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError, DockerUnavailable
 from binderbox.launch.client import HubClient, HubUnavailable
+from binderbox.launch.firewall import FirewallStatus, guard_sessions
 from binderbox.launch.options import LABEL_HUB
 from binderbox.launch.proxy import ProxyUnavailable, find_proxy
 
@@ -153,6 +154,8 @@ class ManagedHub:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
         self._log: IO[bytes] | None = None
+        # Whether the session firewall is in place (set by start()).
+        self.firewall = FirewallStatus(False, "Session firewall: not set up yet.")
 
     @property
     def api_url(self) -> str:
@@ -210,7 +213,12 @@ class ManagedHub:
             self._check_ports()
             # Sessions a previous hub of this state directory left running are adopted:
             # the hub finds them through its database, routes them and culls them.
-            ensure_session_network(_docker_client(), self.settings.session_network)
+            network = ensure_session_network(_docker_client(), self.settings.session_network)
+            self.firewall = guard_sessions(
+                network,
+                self.settings.session_blocked_networks,
+                self.settings.session_firewall,
+            )
             config = self.state_dir / CONFIG_FILE
             text = render_config(
                 self.settings, state_dir=self.state_dir, proxy=proxy, hub_id=self.hub_id
@@ -395,9 +403,9 @@ def _end_process(pid: int, grace: float = 5) -> None:
 _ICC = "com.docker.network.bridge.enable_icc"
 
 
-def ensure_session_network(client: docker.DockerClient, name: str) -> None:
-    """Make sure the bridge network ``name`` exists with traffic between containers off;
-    refuse one that lets containers talk to each other."""
+def ensure_session_network(client: docker.DockerClient, name: str) -> dict:
+    """Make sure the bridge network ``name`` exists with traffic between containers off
+    (refuse one that lets containers talk to each other); return its attributes."""
     for _ in range(2):
         found = [n for n in client.networks.list(names=[name]) if n.name == name]
         if found:
@@ -410,7 +418,7 @@ def ensure_session_network(client: docker.DockerClient, name: str) -> None:
                     f"it ('docker network rm {name}') so binderbox creates an isolated one, "
                     "or set 'session_network' to another name."
                 )
-            return
+            return attrs
         try:
             client.networks.create(
                 name,

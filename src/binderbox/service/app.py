@@ -96,8 +96,10 @@ def create_app(
     launcher: Launcher | None = None,
     *,
     keepalive: float = KEEPALIVE_SECONDS,
+    notes: list[str] | None = None,
 ) -> Starlette:
-    """The ASGI app for ``binderbox serve``."""
+    """The ASGI app for ``binderbox serve``; ``notes`` are shown on the status page's
+    sessions card (e.g. whether the session firewall is on)."""
     metrics = Metrics()
 
     def build_finished(job: BuildJob, seconds: float) -> None:
@@ -252,7 +254,7 @@ def create_app(
             except Exception:  # the page still shows everything else
                 logger.exception("the status page could not list the sessions")
                 sessions = "The sessions cannot be listed right now: the hub did not answer."
-        page = _status_page(ok, checks, ctx.queue, settings, launches, sessions)
+        page = _status_page(ok, checks, ctx.queue, settings, launches, sessions, notes or [])
         return HTMLResponse(page, status_code=200 if ok else 503)
 
     return Starlette(
@@ -369,6 +371,7 @@ def _status_page(
     settings: Settings,
     launches: list[LaunchRecord],
     sessions: list[tuple[str, str]] | str | None,
+    notes: list[str],
 ) -> str:
     """``sessions``: (image, repository) pairs, a reason they are unknown, or None
     when this binderbox runs no sessions."""
@@ -401,6 +404,7 @@ def _status_page(
                 '<div class="table-wrap"><table><thead><tr><th scope="col">Repository</th>'
                 f'<th scope="col">Sessions</th></tr></thead><tbody>{rows}</tbody></table></div>'
             )
+    sessions_html += "".join(f'<p class="hint note">{esc(note)}</p>' for note in notes)
     now = time.time()
     launch_rows = "".join(
         f"<tr><td>{esc(_ago(now - r.at))}</td>"

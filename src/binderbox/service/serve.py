@@ -41,13 +41,14 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     hub = ManagedHub(settings)
     say("Starting JupyterHub and the proxy")
     hub.start()
+    say(hub.firewall.message)
     server: _Server | None = None
     # uvicorn hands the signal that stopped it back to the previous handler once it has
     # shut down; without one of ours, SIGTERM would end the process before the cleanup.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         launcher = HubLauncher(hub.client())
-        app = create_app(settings, launcher)
+        app = create_app(settings, launcher, notes=[hub.firewall.message])
         base = f"http://{settings.service_host}:{settings.service_port}"
         say(f"binderbox is serving at {base}/ (sessions at {hub.public_url}); Ctrl-C stops it")
         server = _Server(

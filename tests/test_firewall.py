@@ -29,9 +29,12 @@ from binderbox.launch.firewall import (
     HOST_CHAIN,
     bridge_name,
     chain_rules,
+    guard,
     hooks,
     nameservers,
+    remove,
 )
+from binderbox.launch.hub import build_bridge
 
 # --- pure ------------------------------------------------------------------------------
 
@@ -205,17 +208,20 @@ def test_the_rules_are_in_place_for_the_sessions_bridge(
     assert hooked.count(f"-A DOCKER-USER -i {bridge} -j {FORWARD_CHAIN}") == 1
 
 
-@needs_root
-@pytest.mark.docker
-def test_a_session_cannot_reach_the_host_or_a_blocked_network(
-    guarded_hub: ManagedHub,
-    docker_client: docker.DockerClient,
-    base_image: str,
-    private_server: str,
-) -> None:
-    network = docker_client.networks.get(guarded_hub.settings.session_network)
-    gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
-    # A service of the host, listening on the sessions' own bridge address.
+@pytest.fixture
+def open_network(docker_client: docker.DockerClient) -> Iterator[str]:
+    """A Docker network without our rules, for the probes that must succeed."""
+    network = docker_client.networks.create(f"binderbox-test-open-{uuid.uuid4().hex[:6]}")
+    try:
+        yield network.name
+    finally:
+        network.remove()
+
+
+@pytest.fixture
+def host_listener(docker_client: docker.DockerClient) -> Iterator[tuple[str, int]]:
+    """A service of the host on Docker's default bridge address (docker0's)."""
+    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
     port = free_port()
     listener = subprocess.Popen(
         ["python3", "-m", "http.server", str(port), "--bind", gateway],
@@ -224,16 +230,63 @@ def test_a_session_cannot_reach_the_host_or_a_blocked_network(
         cwd="/",
     )
     try:
-        # From Docker's default network (unguarded) both answer: the probes can succeed.
-        assert probe_from(docker_client, base_image, "bridge", private_server, 8000) == (
-            "connected"
-        )
-        assert probe_from(docker_client, base_image, "bridge", gateway, port) == "connected"
-        # From the sessions' network neither does, and the refusal is immediate.
-        to_private = probe_from(docker_client, base_image, network.name, private_server, 8000)
-        assert to_private.startswith("refused:") and "timed out" not in to_private, to_private
-        to_host = probe_from(docker_client, base_image, network.name, gateway, port)
-        assert to_host.startswith("refused:") and "timed out" not in to_host, to_host
+        yield gateway, port
     finally:
         listener.kill()
         listener.wait()
+
+
+@needs_root
+@pytest.mark.docker
+def test_a_session_cannot_reach_the_host_or_a_blocked_network(
+    guarded_hub: ManagedHub,
+    docker_client: docker.DockerClient,
+    base_image: str,
+    private_server: str,
+    open_network: str,
+    host_listener: tuple[str, int],
+) -> None:
+    network = docker_client.networks.get(guarded_hub.settings.session_network)
+    gateway, port = host_listener
+    # From a network without the rules both answer: the probes can succeed.
+    assert probe_from(docker_client, base_image, open_network, private_server, 8000) == (
+        "connected"
+    )
+    assert probe_from(docker_client, base_image, open_network, gateway, port) == "connected"
+    # From the sessions' network neither does, and the refusal is immediate.
+    to_private = probe_from(docker_client, base_image, network.name, private_server, 8000)
+    assert to_private.startswith("refused:") and "timed out" not in to_private, to_private
+    to_host = probe_from(docker_client, base_image, network.name, gateway, port)
+    assert to_host.startswith("refused:") and "timed out" not in to_host, to_host
+
+
+@needs_root
+@pytest.mark.docker
+def test_a_build_step_cannot_reach_the_host_or_a_blocked_network(
+    base_image: str, private_server: str, host_listener: tuple[str, int], tmp_path: Path
+) -> None:
+    gateway, port = host_listener
+    bridge = build_bridge()
+    blocked = Settings().session_blocked_networks + ",198.18.0.0/15"
+    status = guard(bridge, blocked, "required", who="builds", setting="build_firewall")
+    try:
+        assert status.active and "Build firewall: on" in status.message, status.message
+        (tmp_path / "probe.py").write_text(PROBE)
+        (tmp_path / "Dockerfile").write_text(
+            f"FROM {base_image}\nCOPY probe.py /probe.py\n"
+            f"RUN python3 /probe.py {private_server} 8000 && python3 /probe.py {gateway} {port}"
+            f" && echo {uuid.uuid4().hex}\n"
+        )
+        build = subprocess.run(
+            ["/usr/bin/docker", "build", "--progress=plain", "--no-cache", str(tmp_path)],
+            env={**os.environ, "DOCKER_BUILDKIT": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert build.returncode == 0, build.stderr[-2000:]
+        answers = [ln for ln in build.stderr.splitlines() if "refused:" in ln or "connected" in ln]
+        assert len(answers) == 2 and all("refused:" in ln for ln in answers), answers
+    finally:
+        remove(bridge)
+    assert not any(f"-i {bridge} " in rule for rule in iptables_rules("DOCKER-USER"))

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.docker
 class Served:
     def __init__(self, process: subprocess.Popen, url: str, env: dict[str, str], prefix: str):
         self.process, self.url, self.env, self.prefix = process, url, env, prefix
+        self.log: Path | None = None
 
     def stream(self, path: str) -> list[dict]:
         response = requests.get(
@@ -87,7 +88,9 @@ def start_serve(env: dict[str, str], log_path: Path, prefix: str) -> Served:
     url = f"http://127.0.0.1:{env['BINDERBOX_SERVICE_PORT']}"
     wait_until(lambda: healthy(url) or process.poll() is not None, 120, "serve answering")
     assert process.poll() is None, log_path.read_text()
-    return Served(process, url, env, prefix)
+    served = Served(process, url, env, prefix)
+    served.log = log_path
+    return served
 
 
 def stop_and_clean(served: Served) -> None:
@@ -255,6 +258,13 @@ def test_sessions_survive_a_restart_and_are_still_culled(
     finally:
         stop_and_clean(first)
     assert session_containers(prefix) == []
+
+
+def test_serve_says_whether_sessions_and_builds_are_fenced_in(served):
+    state = "on" if os.geteuid() == 0 else "off"
+    said = served.log.read_text()
+    assert f"Session firewall: {state}" in said, said
+    assert f"Build firewall: {state}" in said, said
 
 
 def test_a_second_serve_is_refused(served):

@@ -157,6 +157,10 @@ class Settings:
     # Networks sessions may not connect to (DNS to the host's resolvers still works):
     # private and link-local ranges by default, where cloud metadata and internal
     # services live.
+    # The same rules for builds ("auto", "required", "off"): repositories' postBuild and
+    # Dockerfile steps run on Docker's default bridge (docker0), so the rules apply to
+    # every container on that bridge while binderbox serve runs.
+    build_firewall: str = "auto"
     session_blocked_networks: str = (
         "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,169.254.0.0/16"
     )
@@ -281,8 +285,9 @@ def _validate_sessions(settings: Settings) -> None:
     for name in ("cull_idle_timeout", "cull_max_age"):
         if getattr(settings, name) < 0:
             raise UsageError(f"Setting '{name}' must be 0 (off) or a number of seconds.")
-    if settings.session_firewall not in {"auto", "required", "off"}:
-        raise UsageError("Setting 'session_firewall' must be auto, required or off.")
+    for name in ("session_firewall", "build_firewall"):
+        if getattr(settings, name) not in {"auto", "required", "off"}:
+            raise UsageError(f"Setting '{name}' must be auto, required or off.")
     try:
         parse_networks(settings.session_blocked_networks)
     except ValueError as error:

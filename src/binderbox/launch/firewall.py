@@ -154,12 +154,15 @@ def remove(bridge: str, iptables: Iptables | None = None) -> None:
         iptables.unhook(chain, rule[-1], bridge)
 
 
-def guard_sessions(network_attrs: dict, blocked_text: str, mode: str) -> FirewallStatus:
-    """Apply the rules per ``mode`` ("auto": when root, "required": or fail, "off")."""
+def guard(bridge: str, blocked_text: str, mode: str, *, who: str, setting: str) -> FirewallStatus:
+    """Apply the rules to ``bridge`` per ``mode`` ("auto": when root, "required": or fail,
+    "off": take them off). ``who`` ("sessions", "builds") and ``setting`` (the mode's
+    setting) are for the messages."""
+    title = f"{who[0].upper()}{who[1:-1]} firewall"  # "Session firewall", "Build firewall"
     if mode == "off":
         if os.geteuid() == 0 and shutil.which("iptables"):
-            remove(bridge_name(network_attrs))  # rules left from an earlier start
-        return FirewallStatus(False, "Session firewall: off (session_firewall = off).")
+            remove(bridge)  # rules left from an earlier start
+        return FirewallStatus(False, f"{title}: off ({setting} = off).")
     blocked = parse_networks(blocked_text)
     reason = ""
     if os.geteuid() != 0:
@@ -168,19 +171,19 @@ def guard_sessions(network_attrs: dict, blocked_text: str, mode: str) -> Firewal
         reason = "iptables is not installed"
     if not reason:
         try:
-            apply(bridge_name(network_attrs), blocked, nameservers())
+            apply(bridge, blocked, nameservers())
         except (FirewallError, OSError, subprocess.TimeoutExpired) as error:
             reason = str(error)
     if reason:
         if mode == "required":
-            raise FirewallError(f"The session firewall cannot be set up: {reason}.")
+            raise FirewallError(f"The {title.lower()} cannot be set up: {reason}.")
         return FirewallStatus(
             False,
-            f"Session firewall: off ({reason}); sessions can reach this machine's services "
-            "and private networks. Run binderbox serve as root, or set "
-            "session_firewall = required to refuse to start without it.",
+            f"{title}: off ({reason}); {who} can reach this machine's services and private "
+            f"networks. Run binderbox serve as root, or set {setting} = required to refuse "
+            "to start without it.",
         )
     what = f"{len(blocked)} blocked network{'s' if len(blocked) != 1 else ''}"
     return FirewallStatus(
-        True, f"Session firewall: on (sessions cannot reach this machine or {what})."
+        True, f"{title}: on ({who} cannot reach this machine or {what}; bridge {bridge})."
     )

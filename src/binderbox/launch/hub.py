@@ -28,7 +28,7 @@ import httpx
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError, DockerUnavailable
 from binderbox.launch.client import HubClient, HubUnavailable
-from binderbox.launch.firewall import FirewallStatus, guard_sessions
+from binderbox.launch.firewall import FirewallStatus, bridge_name, guard
 from binderbox.launch.options import LABEL_HUB
 from binderbox.launch.proxy import ProxyUnavailable, find_proxy
 
@@ -214,10 +214,12 @@ class ManagedHub:
             # Sessions a previous hub of this state directory left running are adopted:
             # the hub finds them through its database, routes them and culls them.
             network = ensure_session_network(_docker_client(), self.settings.session_network)
-            self.firewall = guard_sessions(
-                network,
+            self.firewall = guard(
+                bridge_name(network),
                 self.settings.session_blocked_networks,
                 self.settings.session_firewall,
+                who="sessions",
+                setting="session_firewall",
             )
             config = self.state_dir / CONFIG_FILE
             text = render_config(
@@ -434,6 +436,11 @@ def ensure_session_network(client: docker.DockerClient, name: str) -> dict:
                     f"{error.explanation or error}"
                 ) from None
     raise BinderboxError(f"The Docker network '{name}' for sessions cannot be found.")
+
+
+def build_bridge() -> str:
+    """The host interface of Docker's default bridge, where BuildKit runs build steps."""
+    return bridge_name(_docker_client().networks.get("bridge").attrs)
 
 
 def _docker_client() -> docker.DockerClient:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 
 import uvicorn
 
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
-from binderbox.launch.hub import ManagedHub
+from binderbox.launch.firewall import FirewallError, FirewallStatus, guard
+from binderbox.launch.firewall import remove as remove_guard
+from binderbox.launch.hub import ManagedHub, build_bridge
 from binderbox.launch.proxy import ensure_proxy
 from binderbox.launch.session import HubLauncher
 from binderbox.service.app import create_app
@@ -43,12 +47,22 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     hub.start()
     say(hub.firewall.message)
     server: _Server | None = None
+    builds = FirewallStatus(False, "")
     # uvicorn hands the signal that stopped it back to the previous handler once it has
     # shut down; without one of ours, SIGTERM would end the process before the cleanup.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        bridge = build_bridge()
+        builds = guard(
+            bridge,
+            settings.session_blocked_networks,
+            settings.build_firewall,
+            who="builds",
+            setting="build_firewall",
+        )
+        say(builds.message)
         launcher = HubLauncher(hub.client())
-        app = create_app(settings, launcher, notes=[hub.firewall.message])
+        app = create_app(settings, launcher, notes=[hub.firewall.message, builds.message])
         base = f"http://{settings.service_host}:{settings.service_port}"
         say(f"binderbox is serving at {base}/ (sessions at {hub.public_url}); Ctrl-C stops it")
         server = _Server(
@@ -73,6 +87,11 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             say("Stopping JupyterHub and the proxy; sessions keep running for the next start")
         else:
             say("Stopping JupyterHub, the proxy and every session")
+        if builds.active:
+            # Builds run only while binderbox serves; sessions keep their rules (they
+            # may outlive this process).
+            with contextlib.suppress(FirewallError, OSError, subprocess.SubprocessError):
+                remove_guard(bridge)
         hub.stop(keep_sessions=keep)
 
 

@@ -262,7 +262,8 @@ def test_the_status_page_counts_running_sessions_per_repository(served, notebook
     assert 1 <= int(row.locator("td.num").inner_text()) <= total
     # Whether sessions are fenced off from this machine and private networks.
     state = "on" if os.geteuid() == 0 else "off"
-    expect(page.locator("p.note")).to_contain_text(f"Session firewall: {state}")
+    expect(page.locator("p.note").first).to_contain_text(f"Session firewall: {state}")
+    expect(page.locator("p.note").last).to_contain_text(f"Build firewall: {state}")
     launches = page.locator("#launches tbody tr", has_text="browser-notebook.git")
     expect(launches.first).to_contain_text("success")
     shot(page, "serve-status", full_page=True)

@@ -7,14 +7,13 @@ import re
 import socket
 import sqlite3
 import threading
-import uuid
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import requests
 from tests.conftest import free_port, shot
-from tests.test_service_build import Service, build_path, served_repo
+from tests.test_service_build import Service, build_path, building_service, served_repo
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
@@ -40,21 +39,9 @@ def plain_service():
 
 @pytest.fixture(scope="module")
 def build_service(base_image, built_images, tmp_path_factory):
-    prefix = f"binderbox-pages-{uuid.uuid4().hex[:6]}-"
-    svc = Service(
-        image_prefix=prefix,
-        allowed_hosts="127.0.0.1",
-        build_only_enabled=True,
-        launch_events_file=str(tmp_path_factory.mktemp("events") / "events.jsonl"),
-    )
-    yield svc
-    svc.stop()
-    import docker
-
-    for image in docker.from_env().images.list():
-        for tag in image.tags:
-            if tag.startswith(prefix):
-                built_images.add(tag)
+    events = str(tmp_path_factory.mktemp("events") / "events.jsonl")
+    with building_service(built_images, "pages", launch_events_file=events) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
@@ -366,21 +353,8 @@ def test_a_shared_launch_link_previews_and_fits_a_phone(build_service, good_repo
 @pytest.fixture(scope="module")
 def one_build_service(base_image, built_images):
     """One build at a time: a second repository waits in the queue."""
-    prefix = f"binderbox-pages1-{uuid.uuid4().hex[:6]}-"
-    svc = Service(
-        image_prefix=prefix,
-        allowed_hosts="127.0.0.1",
-        build_only_enabled=True,
-        build_concurrency=1,
-    )
-    yield svc
-    svc.stop()
-    import docker
-
-    for image in docker.from_env().images.list():
-        for tag in image.tags:
-            if tag.startswith(prefix):
-                built_images.add(tag)
+    with building_service(built_images, "pages1", build_concurrency=1) as svc:
+        yield svc
 
 
 def test_the_log_follows_until_the_reader_scrolls_up_and_a_queued_launch_shows_its_place(

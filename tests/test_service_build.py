@@ -3,16 +3,19 @@ git daemon on 127.0.0.1 (build_only: launching sessions is tested with JupyterHu
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
+import docker
 import pytest
 import requests
 import uvicorn
@@ -64,24 +67,29 @@ class Service:
         return events, comments
 
 
+@contextlib.contextmanager
+def building_service(built_images: set[str], name: str, **overrides) -> Iterator[Service]:
+    """A service that builds for repositories on 127.0.0.1 and allows build_only; the
+    images it built are removed at the end of the run."""
+    prefix = f"binderbox-{name}-{uuid.uuid4().hex[:6]}-"
+    svc = Service(
+        image_prefix=prefix, allowed_hosts="127.0.0.1", build_only_enabled=True, **overrides
+    )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        for image in docker.from_env().images.list():
+            for tag in image.tags:
+                if tag.startswith(prefix):
+                    built_images.add(tag)
+
+
 @pytest.fixture
 def service(base_image, built_images, tmp_path):
-    prefix = f"binderbox-svc-{uuid.uuid4().hex[:6]}-"
-    svc = Service(
-        image_prefix=prefix,
-        allowed_hosts="127.0.0.1",
-        build_only_enabled=True,
-        launch_events_file=str(tmp_path / "events.jsonl"),
-    )
-    yield svc
-    svc.stop()
-    import docker
-
-    client = docker.from_env()
-    for image in client.images.list():
-        for tag in image.tags:
-            if tag.startswith(prefix):
-                built_images.add(tag)
+    events = str(tmp_path / "events.jsonl")
+    with building_service(built_images, "svc", launch_events_file=events) as svc:
+        yield svc
 
 
 def served_repo(git_server, tmp_path, files: dict[str, str], name: str) -> str:

@@ -388,6 +388,21 @@ def test_the_log_follows_until_the_reader_scrolls_up_and_a_queued_launch_shows_i
         expect(waiting).to_have_title(re.compile(r"^Queued \(1\)"))
         expect(waiting.locator('[data-phase="waiting"]')).to_have_class("current")
         shot(waiting, "launch-queued", full_page=True)
+        # The status page lists both, with their state and a link to the live log.
+        status = context.new_page()
+        status.goto(one_build_service.url + "/status")
+        expect(status.locator("#builds-running")).to_have_text("1")
+        expect(status.locator("#builds-waiting")).to_have_text("1")
+        rows = status.locator("#builds tbody tr")
+        expect(rows).to_have_count(2)
+        expect(rows.nth(0)).to_contain_text(long_build)
+        expect(rows.nth(0)).to_contain_text("building")
+        expect(rows.nth(1)).to_contain_text(queued)
+        expect(rows.nth(1)).to_contain_text("waiting (1)")
+        live_log = rows.nth(0).get_by_role("link", name="log").get_attribute("href")
+        assert "first-part-200" in requests.get(one_build_service.url + live_log, timeout=10).text
+        shot(status, "status-builds", full_page=True)
+        status.close()
 
         # Following: the newest line is in view.
         at_bottom = "e => e.scrollTop + e.clientHeight >= e.scrollHeight - 12"

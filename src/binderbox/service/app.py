@@ -364,6 +364,27 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days ago"
 
 
+def _builds_table(jobs: list[BuildJob]) -> str:
+    """The builds that run or wait: repository, state, time so far, live log."""
+    if not jobs:
+        return ""
+    esc = html.escape
+    now = time.monotonic()
+    rows = "".join(
+        f'<tr><td class="spec">{esc(job.repo_url or job.image)}</td>'
+        f"<td>{'building' if job.building else f'waiting ({job.position})'}</td>"
+        f'<td class="num">{now - job.started:.0f} s</td>'
+        + (f'<td><a href="/logs/{esc(job.build_id)}">log</a></td>' if job.build_id else "<td></td>")
+        + "</tr>"
+        for job in jobs
+    )
+    return (
+        '<div class="table-wrap"><table id="builds"><thead><tr><th scope="col">Repository</th>'
+        '<th scope="col">State</th><th scope="col">Time</th><th scope="col">Log</th></tr>'
+        f"</thead><tbody>{rows}</tbody></table></div>"
+    )
+
+
 def _status_page(
     ok: bool,
     checks: list[dict],
@@ -432,6 +453,7 @@ def _status_page(
         checks=check_items,
         running=queue.running,
         waiting=queue.waiting,
+        builds=_builds_table(queue.unfinished()),
         concurrency=settings.build_concurrency,
         sessions=sessions_html,
         launches=launch_table,

@@ -27,6 +27,12 @@ class BuildJob:
     image: str
     # The build's id in the store ("" without one): its log is at /logs/<build_id>.
     build_id: str = ""
+    # What is built, for people (the status page): the repository address and commit.
+    repo_url: str = ""
+    ref: str = ""
+    # Where it waits for a slot (0: it has one, or has not been told yet).
+    position: int = 0
+    building: bool = False
     events: list[Event] = field(default_factory=list)
     result: BuildResult | None = None
     error: BinderboxError | None = None
@@ -72,6 +78,10 @@ class BuildQueue:
         job = self._jobs.get(image)
         return job if job and not job.done else None
 
+    def unfinished(self) -> list[BuildJob]:
+        """The builds that run or wait, oldest first."""
+        return sorted((j for j in self._jobs.values() if not j.done), key=lambda j: j.started)
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
@@ -83,7 +93,7 @@ class BuildQueue:
         existing = self.job(image)
         if existing:
             return existing, False
-        job = BuildJob(image)
+        job = BuildJob(image, repo_url=repo_url, ref=ref)
         if self.store:
             job.build_id = self.store.start(image, repo_url, ref)
         self._jobs[image] = job
@@ -97,6 +107,7 @@ class BuildQueue:
         async with self._slots:
             self._waiting.remove(job)
             self.running += 1
+            job.position, job.building = 0, True
             self._announce_positions()
             began = time.monotonic()
             store = self.store
@@ -134,6 +145,7 @@ class BuildQueue:
             position = index - free
             if position < 1:
                 continue
+            job.position = position
             ahead = self.running + index - 1
             job.add(
                 Event(

@@ -263,7 +263,8 @@ def test_the_status_page_counts_running_sessions_per_repository(served, notebook
     # Whether sessions are fenced off from this machine and private networks.
     state = "on" if os.geteuid() == 0 else "off"
     expect(page.locator("p.note").first).to_contain_text(f"Session firewall: {state}")
-    expect(page.locator("p.note").last).to_contain_text(f"Build firewall: {state}")
+    expect(page.locator("p.note").nth(1)).to_contain_text(f"Build firewall: {state}")
+    expect(page.locator("p.note").nth(2)).to_contain_text("Build limits: ")
     launches = page.locator("#launches tbody tr", has_text="browser-notebook.git")
     expect(launches.first).to_contain_text("success")
     shot(page, "serve-status", full_page=True)

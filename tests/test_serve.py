@@ -21,6 +21,7 @@ from tests.conftest import BINDERBOX, binderbox, commit_all, free_port
 
 from binderbox.config import Settings
 from binderbox.launch.proxy import ensure_proxy
+from binderbox.service.buildlimits import CGROUP_ROOT, limit_files
 
 pytestmark = pytest.mark.docker
 
@@ -265,6 +266,8 @@ def test_serve_says_whether_sessions_and_builds_are_fenced_in(served):
     said = served.log.read_text()
     assert f"Session firewall: {state}" in said, said
     assert f"Build firewall: {state}" in said, said
+    limits = "on" if os.geteuid() == 0 and limit_files(CGROUP_ROOT) else "off"
+    assert f"Build limits: {limits}" in said, said
 
 
 def test_a_second_serve_is_refused(served):

@@ -161,6 +161,10 @@ class Settings:
     # Dockerfile steps run on Docker's default bridge (docker0), so the rules apply to
     # every container on that bridge while binderbox serve runs.
     build_firewall: str = "auto"
+    # Memory and processes all build steps may use together while serve runs (as root;
+    # BuildKit ignores per-build limits). "0" / 0: no limit.
+    build_memory_limit: str = "6G"
+    build_pids_limit: int = 4096
     session_blocked_networks: str = (
         "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,169.254.0.0/16"
     )
@@ -285,6 +289,9 @@ def _validate_sessions(settings: Settings) -> None:
     for name in ("cull_idle_timeout", "cull_max_age"):
         if getattr(settings, name) < 0:
             raise UsageError(f"Setting '{name}' must be 0 (off) or a number of seconds.")
+    size_in_bytes(settings.build_memory_limit, "build_memory_limit")
+    if settings.build_pids_limit < 0:
+        raise UsageError("Setting 'build_pids_limit' must be 0 (no limit) or a number.")
     for name in ("session_firewall", "build_firewall"):
         if getattr(settings, name) not in {"auto", "required", "off"}:
             raise UsageError(f"Setting '{name}' must be auto, required or off.")

@@ -56,6 +56,12 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
         "{x}",
     ),
     (
+        # SIGKILL: nearly always the kernel's out-of-memory killer (binderbox serve holds
+        # all builds to build_memory_limit).
+        re.compile(r"exit code: 137\b"),
+        "a process was killed, most likely for using more memory than builds may use here",
+    ),
+    (
         re.compile(
             r"(?:failed to resolve source metadata for|pull access denied for|"
             r"failed to do request: Head \"https?://)(?P<x>[^\s:\"]+)"

@@ -18,6 +18,7 @@ from binderbox.launch.hub import ManagedHub, build_bridge
 from binderbox.launch.proxy import ensure_proxy
 from binderbox.launch.session import HubLauncher
 from binderbox.service.app import create_app
+from binderbox.service.buildlimits import BuildLimitStatus, apply_build_limits, lift_build_limits
 
 
 class PortInUse(BinderboxError):
@@ -48,6 +49,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     say(hub.firewall.message)
     server: _Server | None = None
     builds = FirewallStatus(False, "")
+    limits = BuildLimitStatus(False, "")
     # uvicorn hands the signal that stopped it back to the previous handler once it has
     # shut down; without one of ours, SIGTERM would end the process before the cleanup.
     previous = signal.signal(signal.SIGTERM, _terminated)
@@ -61,8 +63,11 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             setting="build_firewall",
         )
         say(builds.message)
+        limits = apply_build_limits(settings.build_memory_limit, settings.build_pids_limit)
+        say(limits.message)
         launcher = HubLauncher(hub.client())
-        app = create_app(settings, launcher, notes=[hub.firewall.message, builds.message])
+        notes = [hub.firewall.message, builds.message, limits.message]
+        app = create_app(settings, launcher, notes=notes)
         base = f"http://{settings.service_host}:{settings.service_port}"
         say(f"binderbox is serving at {base}/ (sessions at {hub.public_url}); Ctrl-C stops it")
         server = _Server(
@@ -87,6 +92,8 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             say("Stopping JupyterHub and the proxy; sessions keep running for the next start")
         else:
             say("Stopping JupyterHub, the proxy and every session")
+        with contextlib.suppress(OSError):
+            lift_build_limits(limits)
         if builds.active:
             # Builds run only while binderbox serves; sessions keep their rules (they
             # may outlive this process).

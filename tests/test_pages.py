@@ -105,6 +105,14 @@ def test_home_page_detects_the_provider_and_builds_the_share_snippets(plain_serv
         re.compile(r"/v2/zenodo/10\.5281/zenodo\.3242074\?urlpath=")
     )
 
+    # The copy buttons put the snippet on the clipboard.
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.get_by_role("button", name="Copy the Markdown badge").click()
+    expect(page.locator("#copy-status")).to_have_text("Copied.")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied == page.locator("#badge-md").input_value()
+    assert copied.startswith("[![Binder](") and "/v2/zenodo/" in copied
+
     # Keyboard only: Enter in the form launches.
     page.get_by_label("Path to open").fill("")
     page.locator("#repo").fill("https://github.com/org/repo")

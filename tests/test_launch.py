@@ -492,6 +492,27 @@ def test_a_failing_session_is_retried_with_its_reason_then_given_up(
 
 
 @pytest.mark.docker
+def test_sessions_are_handed_out_at_the_public_address(
+    tmp_path: Path, proxy_command: Path, tiny_image: str
+) -> None:
+    # As behind a reverse proxy: people reach the sessions' proxy at another address
+    # (here localhost, which leads to the same proxy, so the session can be used).
+    settings = hub_settings(tmp_path, proxy_command)
+    public = f"http://localhost:{settings.sessions_port}/"
+    with ManagedHub(settings.with_overrides(sessions_public_url=public)) as other:
+        assert other.sessions_url == public
+        session = start_session(other, tiny_image)
+        try:
+            assert session.url == f"{public}user/{session.user}/"
+            status = requests.get(f"{session.url}api/status", params={"token": session.token})
+            assert status.status_code == 200, status.text
+        finally:
+            delete_user(other, session.user)
+    with pytest.raises(UsageError, match="sessions_public_url"):
+        Settings().with_overrides(sessions_public_url="hub.example.org")
+
+
+@pytest.mark.docker
 def test_a_second_hub_on_the_same_state_dir_is_refused(hub: ManagedHub) -> None:
     second = ManagedHub(hub.settings.with_overrides(sessions_port=free_port()))
     with pytest.raises(

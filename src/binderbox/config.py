@@ -138,6 +138,10 @@ class Settings:
     # The proxy's public port (sessions are at /user/<name>/), the hub's API port and the
     # proxy's API port.
     sessions_port: int = 8000
+    # The address people reach the sessions' proxy at, when that is not
+    # http://127.0.0.1:<sessions_port>/ (a public deployment behind a reverse proxy,
+    # e.g. https://hub.example.org/): the session URLs handed out start with it.
+    sessions_public_url: str = ""
     hub_port: int = 8081
     proxy_api_port: int = 8001
     # The configurable-http-proxy executable; empty: <state_dir>/node, then PATH.
@@ -292,6 +296,13 @@ def _validate_sessions(settings: Settings) -> None:
     size_in_bytes(settings.build_memory_limit, "build_memory_limit")
     if settings.build_pids_limit < 0:
         raise UsageError("Setting 'build_pids_limit' must be 0 (no limit) or a number.")
+    if settings.sessions_public_url and not re.fullmatch(
+        r"https?://[^\s/?#]+(/[^\s?#]*)?", settings.sessions_public_url
+    ):
+        raise UsageError(
+            "Setting 'sessions_public_url' must be an http(s) address such as "
+            "https://hub.example.org/."
+        )
     for name in ("session_firewall", "build_firewall"):
         if getattr(settings, name) not in {"auto", "required", "off"}:
             raise UsageError(f"Setting '{name}' must be auto, required or off.")

@@ -53,7 +53,8 @@ class HubClient:
     """Talks to the hub as the binderbox service (``admin:users`` and ``servers`` scopes).
 
     ``api_url`` is the hub's API (``http://127.0.0.1:8081/hub/api``), ``public_url`` the
-    proxy that browsers reach sessions through (``http://127.0.0.1:8000/``).
+    proxy on this machine (``http://127.0.0.1:8000/``), ``sessions_url`` where people
+    reach that proxy (the same unless a reverse proxy stands in front of it).
     """
 
     def __init__(
@@ -64,9 +65,11 @@ class HubClient:
         *,
         timeout: float = 30,
         start_timeout: float = 180,
+        sessions_url: str = "",
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.public_url = public_url.rstrip("/") + "/"
+        self.sessions_url = (sessions_url or public_url).rstrip("/") + "/"
         self.start_timeout = start_timeout
         self._http = httpx.AsyncClient(
             headers={"Authorization": f"token {token}"},
@@ -198,8 +201,8 @@ class HubClient:
         return self.url_for(server["url"])
 
     def url_for(self, path: str) -> str:
-        """The public URL of a path on the proxy, e.g. ``/user/x/`` → ``http://…/user/x/``."""
-        return self.public_url + path.lstrip("/")
+        """Where people reach a path of the proxy, e.g. ``/user/x/`` → ``http://…/user/x/``."""
+        return self.sessions_url + path.lstrip("/")
 
     async def delete_user(self, name: str, timeout: float = 120) -> None:
         """Stop ``name``'s server if it runs and delete the user; no error if it is gone."""

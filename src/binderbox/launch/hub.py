@@ -164,8 +164,13 @@ class ManagedHub:
 
     @property
     def public_url(self) -> str:
-        """Where sessions are reached (the proxy), e.g. ``http://127.0.0.1:8000/``."""
+        """The proxy on this machine, e.g. ``http://127.0.0.1:8000/``."""
         return f"http://127.0.0.1:{self.settings.sessions_port}/"
+
+    @property
+    def sessions_url(self) -> str:
+        """Where people reach sessions: ``sessions_public_url``, else the proxy here."""
+        return (self.settings.sessions_public_url or self.public_url).rstrip("/") + "/"
 
     @property
     def log_path(self) -> Path:
@@ -184,6 +189,7 @@ class ManagedHub:
             self._token,
             self.public_url,
             start_timeout=self.settings.session_start_timeout + 30,
+            sessions_url=self.sessions_url,
         )
 
     def __enter__(self) -> ManagedHub:

@@ -69,7 +69,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
         notes = [hub.firewall.message, builds.message, limits.message]
         app = create_app(settings, launcher, notes=notes)
         base = f"http://{settings.service_host}:{settings.service_port}"
-        say(f"binderbox is serving at {base}/ (sessions at {hub.public_url}); Ctrl-C stops it")
+        say(f"binderbox is serving at {base}/ (sessions at {hub.sessions_url}); Ctrl-C stops it")
         server = _Server(
             uvicorn.Config(
                 app,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -252,3 +253,12 @@ def shot(page, name: str, full_page: bool = False) -> None:
     """Keep a screenshot of ``page`` as artifacts/<name>.png."""
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)
+
+
+def firewall_possible() -> bool:
+    """Whether binderbox can set its firewall rules here: root, and iptables showing the
+    DOCKER-USER chain that dockerd made (same iptables backend as dockerd's)."""
+    if os.geteuid() != 0 or shutil.which("iptables") is None:
+        return False
+    shown = subprocess.run(["iptables", "-w", "-S", "DOCKER-USER"], capture_output=True)
+    return shown.returncode == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from urllib.parse import quote, urlparse
 
 import pytest
 import requests
-from tests.conftest import commit_all, free_port, shot
+from tests.conftest import commit_all, firewall_possible, free_port, shot
 from tests.test_serve import Served, serve_env, start_serve, stop_and_clean
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -261,7 +260,7 @@ def test_the_status_page_counts_running_sessions_per_repository(served, notebook
     expect(row).to_have_count(1)
     assert 1 <= int(row.locator("td.num").inner_text()) <= total
     # Whether sessions are fenced off from this machine and private networks.
-    state = "on" if os.geteuid() == 0 else "off"
+    state = "on" if firewall_possible() else "off"
     expect(page.locator("p.note").first).to_contain_text(f"Session firewall: {state}")
     expect(page.locator("p.note").nth(1)).to_contain_text(f"Build firewall: {state}")
     expect(page.locator("p.note").nth(2)).to_contain_text("Build limits: ")

@@ -43,6 +43,8 @@ def test_limits_on_a_cgroup_v1_tree_and_taken_off_again(tmp_path: Path) -> None:
     # The kernel makes these files; here they are plain files with the kernel's defaults.
     for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
         (buildkit / name).write_text("9223372036854771712")
+    (root / "pids" / "docker" / "buildkit").mkdir()
+    (root / "pids" / "docker" / "buildkit" / "pids.max").write_text("max")
     status = apply_build_limits("2G", 100, root)
     assert status.active, status.message
     assert status.message == ("Build limits: on (all builds together: 2G, 100 processes).")
@@ -58,6 +60,10 @@ def test_limits_on_a_cgroup_v1_tree_and_taken_off_again(tmp_path: Path) -> None:
 def test_limits_on_a_cgroup_v2_tree(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
     (tmp_path / "docker").mkdir()
+    # Without the controllers handed down to docker/buildkit there is nothing to write.
+    assert limit_files(tmp_path) is None
+    for name in ("memory.max", "pids.max"):
+        (tmp_path / "docker" / "buildkit" / name).write_text("max")
     status = apply_build_limits("512M", 0, tmp_path)
     assert status.active
     assert (tmp_path / "docker" / "buildkit" / "memory.max").read_text() == str(512 * 1024**2)

@@ -48,7 +48,9 @@ def limit_files(root: Path = CGROUP_ROOT) -> LimitFiles | None:
         if not (root / "docker").is_dir():
             return None
         parent.mkdir(exist_ok=True)
-        return LimitFiles([parent / "memory.max"], parent / "pids.max", "max", "max")
+        files = LimitFiles([parent / "memory.max"], parent / "pids.max", "max", "max")
+        # Present only when dockerd's cgroup hands the memory and pids controllers down.
+        return files if files.memory[0].exists() and files.pids.exists() else None
     memory, pids = root / _V1["memory"], root / _V1["pids"]
     if not (memory.parent.is_dir() and pids.parent.is_dir()):
         return None
@@ -56,7 +58,8 @@ def limit_files(root: Path = CGROUP_ROOT) -> LimitFiles | None:
     pids.mkdir(exist_ok=True)
     # memsw (memory + swap) when swap accounting is on, so a build cannot swap instead.
     files = [memory / "memory.limit_in_bytes", memory / "memory.memsw.limit_in_bytes"]
-    return LimitFiles([f for f in files if f.exists()], pids / "pids.max", "-1", "max")
+    found = LimitFiles([f for f in files if f.exists()], pids / "pids.max", "-1", "max")
+    return found if files[0].exists() and found.pids.exists() else None
 
 
 def apply_build_limits(memory: str, pids: int, root: Path = CGROUP_ROOT) -> BuildLimitStatus:

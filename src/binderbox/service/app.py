@@ -378,10 +378,16 @@ def _builds_table(jobs: list[BuildJob]) -> str:
         + "</tr>"
         for job in jobs
     )
+    return _table(["Repository", "State", "Time", "Log"], rows, "builds")
+
+
+def _table(headers: list[str], rows: str, table_id: str = "") -> str:
+    """A table of the status page (rows already HTML), scrolling sideways if it must."""
+    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
+    ident = f' id="{table_id}"' if table_id else ""
     return (
-        '<div class="table-wrap"><table id="builds"><thead><tr><th scope="col">Repository</th>'
-        '<th scope="col">State</th><th scope="col">Time</th><th scope="col">Log</th></tr>'
-        f"</thead><tbody>{rows}</tbody></table></div>"
+        f'<div class="table-wrap"><table{ident}><thead><tr>{head}</tr></thead>'
+        f"<tbody>{rows}</tbody></table></div>"
     )
 
 
@@ -421,10 +427,7 @@ def _status_page(
             f'<p><strong id="sessions-total">{len(sessions)}</strong> running{limit}.</p>'
         )
         if rows:
-            sessions_html += (
-                '<div class="table-wrap"><table><thead><tr><th scope="col">Repository</th>'
-                f'<th scope="col">Sessions</th></tr></thead><tbody>{rows}</tbody></table></div>'
-            )
+            sessions_html += _table(["Repository", "Sessions"], rows)
     sessions_html += "".join(f'<p class="hint note">{esc(note)}</p>' for note in notes)
     now = time.time()
     launch_rows = "".join(
@@ -436,9 +439,7 @@ def _status_page(
         for r in launches
     )
     launch_table = (
-        '<div class="table-wrap"><table id="launches"><thead><tr><th scope="col">When</th>'
-        '<th scope="col">Repository</th><th scope="col">Result</th>'
-        f'<th scope="col">Took</th></tr></thead><tbody>{launch_rows}</tbody></table></div>'
+        _table(["When", "Repository", "Result", "Took"], launch_rows, "launches")
         if launches
         else '<p class="hint">No launches yet.</p>'
     )

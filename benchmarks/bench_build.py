@@ -235,8 +235,8 @@ class Tools:
         steps, cached = buildkit_steps(proc.stdout.splitlines())
         return Run(seconds, image, self.size_mb(image), steps, cached)
 
-    def freeze(self, image: str) -> dict[str, str]:
-        """The packages in the image's /srv/venv, and check that the stack imports."""
+    def freeze(self, image: str, import_check: str = IMPORT_CHECK) -> dict[str, str]:
+        """The packages in the image's /srv/venv, after checking that ``import_check`` runs."""
         out = self.docker(
             "run",
             "--rm",
@@ -244,7 +244,7 @@ class Tools:
             "--entrypoint=/bin/sh",
             image,
             "-c",
-            f'/srv/venv/bin/python -c "{IMPORT_CHECK}" && '
+            f'/srv/venv/bin/python -c "{import_check}" && '
             "/srv/venv/bin/python -m pip list --format=freeze --disable-pip-version-check",
         )
         pairs = (line.split("==", 1) for line in out.splitlines() if "==" in line)

@@ -93,22 +93,6 @@ def edit_notebook(repo: Path, rep: int) -> None:
     (repo / "analysis.ipynb").write_text(notebook("Dask analysis, edited", code))
 
 
-def freeze(tools: Tools, image: str) -> dict[str, str]:
-    """The packages in the image's /srv/venv, after checking that the stack imports."""
-    out = tools.docker(
-        "run",
-        "--rm",
-        "--network=none",
-        "--entrypoint=/bin/sh",
-        image,
-        "-c",
-        f'/srv/venv/bin/python -c "{IMPORT_CHECK}" && '
-        "/srv/venv/bin/python -m pip list --format=freeze --disable-pip-version-check",
-    )
-    pairs = (line.split("==", 1) for line in out.splitlines() if "==" in line)
-    return {name.lower().replace("_", "-"): version for name, version in pairs}
-
-
 def benchmark(tools: Tools, repeat: int, work: Path) -> dict[str, list[Run]]:
     base = tools.base_image()
     for line in machine_report(tools, base):
@@ -142,7 +126,7 @@ def benchmark(tools: Tools, repeat: int, work: Path) -> dict[str, list[Run]]:
                 raise BenchError("editing the notebook did not give a new image name")
             record(warm, edited, rep)
             if rep == 0:
-                packages[cold] = freeze(tools, first.image)
+                packages[cold] = tools.freeze(first.image, IMPORT_CHECK)
         if rep == 0:
             same = packages["e"] == packages["g"]
             print(

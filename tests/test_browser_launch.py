@@ -235,6 +235,13 @@ def test_a_failing_repository_shows_the_reason_and_the_log(served, git_server, t
     assert "/user/" not in page.url  # nothing was launched
     shot(page, "serve-launch-failed")
 
+    # The status page lists the failure with its reason and a link to the log.
+    page.goto(served.url + "/status")
+    row = page.locator("#launches tbody tr", has_text="browser-broken.git").first
+    expect(row).to_contain_text("failed")
+    expect(row).to_contain_text("code 7")
+    assert row.get_by_role("link", name="The whole log").get_attribute("href") == href
+
 
 def test_the_status_page_counts_running_sessions_per_repository(served, notebook_repo, page):
     # One more session of the notebook repository, launched as a script would.

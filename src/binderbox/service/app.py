@@ -381,6 +381,15 @@ def _builds_table(jobs: list[BuildJob]) -> str:
     return _table(["Repository", "State", "Time", "Log"], rows, "builds")
 
 
+def _reason_html(message: str) -> str:
+    """A failure's reason, its "The whole log: <url>" turned into a link."""
+    reason, _, log_url = message.partition(" The whole log: ")
+    text = html.escape(reason)
+    if log_url.startswith(("http://", "https://")):
+        text += f' <a href="{html.escape(log_url)}">The whole log</a>'
+    return text
+
+
 def _table(headers: list[str], rows: str, table_id: str = "") -> str:
     """A table of the status page (rows already HTML), scrolling sideways if it must."""
     head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
@@ -434,7 +443,7 @@ def _status_page(
         f"<tr><td>{esc(_ago(now - r.at))}</td>"
         f'<td class="spec">{esc(unquote(r.provider + "/" + r.spec))}</td>'
         f'<td class="{"ok" if r.status == "success" else "bad"}">{esc(r.status)}'
-        + (f'<br><span class="hint">{esc(r.message)}</span>' if r.message else "")
+        + (f'<br><span class="hint">{_reason_html(r.message)}</span>' if r.message else "")
         + f'</td><td class="num">{r.seconds:.1f} s</td></tr>'
         for r in launches
     )

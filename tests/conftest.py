@@ -78,7 +78,15 @@ def built_images(docker_client: docker.DockerClient) -> Iterator[set[str]]:
     """Names of images the tests built; removed at the end (layers stay in the cache)."""
     names: set[str] = set()
     yield names
+    # The shared base stays for the next run, even when a test's image is the base itself
+    # (a Dockerfile that adds nothing to it) and removing it would remove the base.
+    bases = {image.id for image in docker_client.images.list("binderbox/base")}
     for name in names:
+        try:
+            if name.startswith("binderbox/base") or docker_client.images.get(name).id in bases:
+                continue
+        except docker.errors.APIError:
+            continue
         try:
             docker_client.images.remove(name, force=True)
         except docker.errors.APIError:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import docker
@@ -153,9 +154,7 @@ def test_run_passes_environment_volumes_and_can_mount_the_repository(
     )
     assert result.code == 0, result.stderr
     assert result.stdout.split() == ["hello", "mounted", "data", "1"]
-    built_images.update(
-        line.split()[-1] for line in result.stderr.splitlines() if "binderbox-local-" in line
-    )
+    built_images.update(re.findall(r"binderbox-local-[\w.-]+:\w+", result.stderr))
 
 
 def test_run_options_after_the_repository_are_explained(make_repo, base_image):

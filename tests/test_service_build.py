@@ -186,14 +186,11 @@ def test_failing_repository_reports_the_cause_and_the_log(service, git_server, t
     assert "status: failed" in log.text and "about-to-fail" in log.text
 
 
-def test_build_records_and_logs_survive_a_restart(base_image, git_server, tmp_path):
+def test_build_records_and_logs_survive_a_restart(base_image, built_images, git_server, tmp_path):
     url = served_repo(git_server, tmp_path, {"d.txt": "d"}, "svc8")
     state = str(tmp_path / "state")
-    first = Service(state_dir=state, allowed_hosts="127.0.0.1", build_only_enabled=True)
-    try:
+    with building_service(built_images, "svc8", state_dir=state) as first:
         events, _ = first.events(build_path(url, build_only="true"))
-    finally:
-        first.stop()
     built = next(e for e in events if e["phase"] == "built")
     # A build that was running when the service stopped can never finish.
     store = BuildStore(Path(state) / "binderbox.sqlite")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +20,7 @@ from urllib.parse import quote, urlparse
 import pytest
 import requests
 from tests.conftest import commit_all, firewall_possible, free_port, shot
-from tests.test_serve import Served, serve_env, start_serve, stop_and_clean
+from tests.test_serve import Served, serving
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
@@ -83,21 +82,16 @@ def site(tmp_path_factory) -> Iterator[StaticSite]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, base_image, site) -> Iterator[Served]:
-    prefix = f"binderbox-browser-{uuid.uuid4().hex[:6]}-"
-    env = {
-        **serve_env(tmp_path_factory, prefix),
-        "BINDERBOX_PER_REPO_QUOTA": "10",
-        # The thebe page is on another origin: it reads the event stream and then talks
-        # to the session's Jupyter server (REST and websockets) directly.
-        "BINDERBOX_CORS_ALLOW_ORIGIN": site.url,
-        "BINDERBOX_SESSION_ALLOW_ORIGIN": site.url,
-    }
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    process = start_serve(env, log, prefix)
-    try:
+    # The thebe page is on another origin: it reads the event stream and then talks to the
+    # session's Jupyter server (REST and websockets) directly.
+    with serving(
+        tmp_path_factory,
+        "browser",
+        BINDERBOX_PER_REPO_QUOTA="10",
+        BINDERBOX_CORS_ALLOW_ORIGIN=site.url,
+        BINDERBOX_SESSION_ALLOW_ORIGIN=site.url,
+    ) as process:
         yield process
-    finally:
-        stop_and_clean(process)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ git daemon on 127.0.0.1; a launch ends in a JupyterLab server that runs code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,16 +106,22 @@ def stop_and_clean(served: Served) -> None:
                 client.images.remove(tag, force=True)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, base_image) -> Iterator[Served]:
-    prefix = f"binderbox-serve-{uuid.uuid4().hex[:6]}-"
-    env = serve_env(tmp_path_factory, prefix)
+@contextlib.contextmanager
+def serving(tmp_path_factory, name: str, **env: str) -> Iterator[Served]:
+    """A real ``binderbox serve`` for a test module; stopped and its images removed after."""
+    prefix = f"binderbox-{name}-{uuid.uuid4().hex[:6]}-"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    process = start_serve(env, log, prefix)
+    process = start_serve({**serve_env(tmp_path_factory, prefix), **env}, log, prefix)
     try:
         yield process
     finally:
         stop_and_clean(process)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, base_image) -> Iterator[Served]:
+    with serving(tmp_path_factory, "serve") as process:
+        yield process
 
 
 def run_code(url: str, token: str, code: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from binderbox.errors import SourceError
-from binderbox.providers.hosts import check_remote_url, is_public
+from binderbox.providers.hosts import ascii_host, check_remote_url, checked_address, is_public
 from binderbox.service.specs import SpecError, parse_spec
 
 
@@ -141,3 +141,79 @@ def test_the_operator_allow_list_admits_a_local_git_daemon():
         check_remote_url(url, resolve=resolver)
     assert check_remote_url(url, ["127.0.0.1"], resolve=resolver) == url
     assert check_remote_url(url, ["127.0.0.1:9418"], resolve=resolver) == url
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("::ffff:8.8.8.8", True),
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::808:808", True),  # NAT64 to a public address
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 to 169.254.169.254 (cloud metadata)
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b:1::808:808", False),  # local-use NAT64: a translator on this network
+        ("2002:808:808::1", True),  # 6to4 through a public relay address
+        ("2002:c0a8:101::1", False),  # 6to4 embedding 192.168.1.1
+        ("2002:7f00:1::1", False),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),  # Teredo: public server and client
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo client 192.0.2.45
+        ("2001:0:a00:1:8000:63bf:f7f7:f7f7", False),  # Teredo server 10.0.0.1
+        ("::7f00:1", False),  # IPv4-compatible ::127.0.0.1
+        ("2606:4700::1", True),
+    ],
+)
+def test_addresses_that_embed_ipv4_are_judged_by_what_they_embed(address, public):
+    assert is_public(address) is public
+    resolver = dns({"tunnel.example": [address]})
+    if public:
+        assert checked_address("https://tunnel.example/r", resolve=resolver).address == address
+    else:
+        with pytest.raises(SourceError, match="local or private network"):
+            checked_address("https://tunnel.example/r", resolve=resolver)
+
+
+def test_the_checked_address_is_the_one_to_connect_to():
+    resolver = dns({"example.org": ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"]})
+    assert checked_address("https://EXAMPLE.org/r.git", resolve=resolver) == (
+        "example.org",
+        "93.184.215.14",
+    )
+    assert checked_address("example.org", 443, resolve=resolver).address == "93.184.215.14"
+    # An IP literal is its own address: nothing is resolved.
+    assert checked_address("git://127.0.0.1:9418/r", None, ["127.0.0.1"], resolve=dns({})) == (
+        "127.0.0.1",
+        "127.0.0.1",
+    )
+
+
+def test_every_address_is_judged_even_when_one_is_allowed():
+    resolver = dns({"mixed.example": ["127.0.0.1", "10.0.0.5"]})
+    with pytest.raises(SourceError, match=r"10\.0\.0\.5"):
+        checked_address("http://mixed.example/r", None, ["127.0.0.1"], resolve=resolver)
+    # A host the operator names is trusted whatever it resolves to, and still pinned.
+    assert checked_address(
+        "http://mixed.example:8080/r", None, ["mixed.example:8080"], resolve=resolver
+    ) == ("mixed.example", "127.0.0.1")
+
+
+def test_host_names_are_checked_in_the_form_curl_connects_to():
+    assert ascii_host("Bücher.example") == "xn--bcher-kva.example"
+    assert ascii_host("xn--zca.example") == "xn--zca.example"
+    seen: list[str] = []
+
+    def resolver(host: str) -> list[str]:
+        seen.append(host)
+        return ["93.184.215.14"]
+
+    assert checked_address("https://bücher.example/r", resolve=resolver).host == (
+        "xn--bcher-kva.example"
+    )
+    assert seen == ["xn--bcher-kva.example"]
+    # IDNA 2003 (Python's resolver) says ss.example, IDNA 2008 (curl) xn--zca.example.
+    for url in ("https://ß.example/r", "https://faß.example/r"):
+        with pytest.raises(SourceError, match="differ between IDNA 2003 and IDNA 2008"):
+            checked_address(url, resolve=resolver)
+    for bad in ("https://☃.example/r", "https://a..b/r", "https://exa mple.org/r"):
+        with pytest.raises(SourceError, match="not a valid host name"):
+            checked_address(bad, resolve=resolver)
+    assert seen == ["xn--bcher-kva.example"]

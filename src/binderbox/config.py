@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from binderbox.build import r_support
+from binderbox.build import package_index, r_support
 from binderbox.errors import UsageError
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -63,6 +63,14 @@ class Settings:
     # CRAN mirror of R images (install.R, DESCRIPTION, install.packages() at runtime); empty
     # means the snapshot of runtime.txt's date on Posit Package Manager, else cloud.r-project.org.
     cran_mirror: str = ""
+    # The Python package index every build installs from (requirements.txt, Pipfile,
+    # environment.yml's pip section, setup.py, the server stack on other bases): a PyPI
+    # mirror such as devpi, Artifactory or Nexus. Sources naming PyPI itself mean this one.
+    index_url: str = package_index.DEFAULT_INDEX
+    # The Python package index every build installs from (requirements.txt, Pipfile,
+    # environment.yml's pip section, setup.py, the server stack on other bases): a PyPI
+    # mirror such as devpi, Artifactory or Nexus. Sources naming PyPI itself mean this one.
+    index_url: str = package_index.DEFAULT_INDEX
 
     # Content providers (DOIs and research-data records). Lists are base URLs separated by
     # commas or spaces. The DOI resolver that turns a DOI into the record's landing page.
@@ -90,6 +98,15 @@ class Settings:
     ckan_token: str = ""
     content_max_bytes: int = 2_000_000_000
     content_max_files: int = 20_000
+    # Limits on one git repository (submodules included), counted while cloning and again
+    # before checking out; the whole fetch's time, and how long a transfer may run below
+    # 1 kB/s before git gives up.
+    git_max_bytes: int = 2_000_000_000
+    git_max_files: int = 100_000
+    git_timeout: float = 600
+    git_low_speed_seconds: int = 60
+    # Largest answer (decoded) a record's API may give for its metadata or file list.
+    record_metadata_max_bytes: int = 32_000_000
     # Compile the repository's Python packages to bytecode while building. Costs build
     # time (about 5 s for numpy, scipy, pandas, matplotlib, seaborn on 2 cores) and saves
     # each session the compile on first import (about 2 s for the same stack). The Jupyter
@@ -99,6 +116,10 @@ class Settings:
     # Where the web service listens.
     service_host: str = "127.0.0.1"
     service_port: int = 8585
+    # The service's address as people reach it (e.g. https://binder.example.org/): links
+    # on pages and in events, binder_launch_host and the launch events' origin start with
+    # it. Unset: http://<service_host>:<service_port>/. Never taken from a request's Host.
+    public_url: str = ""
     # Builds that may run at once; more wait in the queue with their position shown.
     build_concurrency: int = 2
     # Hosts (comma-separated, "host" or "host:port") that may be fetched from although
@@ -109,14 +130,48 @@ class Settings:
     # Check every host a repository or record is fetched from (the service turns this on:
     # anonymous users choose those URLs); allowed_hosts are the exceptions.
     check_remote_hosts: bool = False
+    # Repositories' own Dockerfiles in service builds: "checked" builds those that pass
+    # binderbox's checks (no downloads by dockerd, no secret, ssh or cache mounts, images
+    # only from dockerfile_registries; README: "Dockerfiles on a public binderbox"),
+    # "refused" builds none.
+    repository_dockerfiles: str = "checked"
+    # Registries (host or host:port, comma-separated) that images named by repositories'
+    # Dockerfiles (FROM) may be pulled from in service builds; an image without a host
+    # is Docker Hub's (docker.io).
+    dockerfile_registries: str = (
+        "docker.io,quay.io,ghcr.io,gcr.io,registry.gitlab.com,mcr.microsoft.com,public.ecr.aws"
+    )
     # Whether /build accepts ?build_only=true (build, launch nothing).
     build_only_enabled: bool = False
     # Sessions at once for one repository, and in all (0: as many as the machine's memory
     # holds at session_mem_guarantee each, keeping 2 GiB for everything else).
     per_repo_quota: int = 100
     total_quota: int = 0
-    # /build requests per minute from one address (0: no limit).
+    # /build requests per minute from one address (0: no limit). An address is an IPv4
+    # address or an IPv6 /64.
     rate_limit_per_minute: int = 30
+    # The launch page's build token: how long it is valid, how many of its /build
+    # requests (the first and reconnects) skip the rate limit, and how many such requests
+    # one address may make per minute (a class behind one address); beyond, they count.
+    build_token_seconds: int = 600
+    build_token_uses: int = 3
+    page_rate_limit_per_minute: int = 120
+    # Launches (open /build streams) and new builds one address may have under way at
+    # once (0: no cap).
+    launches_per_address: int = 10
+    builds_per_address: int = 3
+    # Builds that may wait for a slot; further ones are refused until the queue drains.
+    build_queue_size: int = 50
+    # Bytes of log kept and streamed per build (each line counts at least 100); the log
+    # then says where it was cut and the build goes on. 0: no cap.
+    build_log_max_bytes: int = 5_000_000
+    # Threads for calls to the hosts users name (resolving a ref, record APIs) and the
+    # seconds such a call may take before the launch fails; at most 4 x as many wait.
+    blocking_threads: int = 16
+    remote_timeout: int = 60
+    # Reverse proxies (addresses or networks, comma-separated) whose Forwarded,
+    # X-Forwarded-For and X-Real-IP headers name the client; no one else's count.
+    trusted_proxies: str = ""
     # Comma-separated regular expressions of "<provider>/<spec>" that may not launch.
     banned_specs: str = ""
     # Comma-separated regular expressions: when set, only matching specs may launch.
@@ -233,9 +288,23 @@ def _validated(settings: Settings) -> Settings:
             f"Setting 'cran_mirror' must be an http(s) URL without quotes, backslashes or "
             f"spaces, not {settings.cran_mirror!r}."
         )
+    index_problem = package_index.check_index_url(settings.index_url)
+    if index_problem:
+        raise UsageError(index_problem)
+    index_problem = package_index.check_index_url(settings.index_url)
+    if index_problem:
+        raise UsageError(index_problem)
     if settings.build_timeout <= 0:
         raise UsageError("Setting 'build_timeout' must be a positive number of seconds.")
-    for name in ("content_max_bytes", "content_max_files"):
+    for name in (
+        "content_max_bytes",
+        "content_max_files",
+        "record_metadata_max_bytes",
+        "git_max_bytes",
+        "git_max_files",
+        "git_timeout",
+        "git_low_speed_seconds",
+    ):
         if getattr(settings, name) <= 0:
             raise UsageError(f"Setting '{name}' must be a positive number.")
     for name in _URL_SETTINGS:
@@ -245,7 +314,32 @@ def _validated(settings: Settings) -> Settings:
     if settings.ca_bundle and not Path(settings.ca_bundle).is_file():
         raise UsageError(f"The CA bundle '{settings.ca_bundle}' does not exist.")
     _validate_sessions(settings)
+    _validate_abuse_limits(settings)
     return settings
+
+
+def _validate_abuse_limits(settings: Settings) -> None:
+    for name in ("build_token_seconds", "blocking_threads", "remote_timeout"):
+        if getattr(settings, name) <= 0:
+            raise UsageError(f"Setting '{name}' must be a positive number.")
+    for name in (
+        "build_token_uses",
+        "page_rate_limit_per_minute",
+        "launches_per_address",
+        "builds_per_address",
+        "build_queue_size",
+        "build_log_max_bytes",
+    ):
+        if getattr(settings, name) < 0:
+            raise UsageError(f"Setting '{name}' must be 0 or a positive number.")
+    for item in re.split(r"[,\s]+", settings.trusted_proxies.strip()):
+        if item:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise UsageError(
+                    f"Setting 'trusted_proxies': '{item}' is not an address or network."
+                ) from None
 
 
 _BYTES = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGT]?)")
@@ -303,6 +397,15 @@ def _validate_sessions(settings: Settings) -> None:
             "Setting 'sessions_public_url' must be an http(s) address such as "
             "https://hub.example.org/."
         )
+    if settings.public_url and not re.fullmatch(
+        r"https?://[^\s/?#@\"'<>]+(/[^\s?#\"'<>]*)?", settings.public_url
+    ):
+        raise UsageError(
+            "Setting 'public_url' must be an http(s) address without a user name, such as "
+            "https://binder.example.org/."
+        )
+    if settings.repository_dockerfiles not in {"checked", "refused"}:
+        raise UsageError("Setting 'repository_dockerfiles' must be checked or refused.")
     for name in ("session_firewall", "build_firewall"):
         if getattr(settings, name) not in {"auto", "required", "off"}:
             raise UsageError(f"Setting '{name}' must be auto, required or off.")

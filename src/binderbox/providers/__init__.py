@@ -9,7 +9,7 @@ from binderbox.config import Settings
 from binderbox.errors import UsageError
 from binderbox.providers.base import Fetched, Source
 from binderbox.providers.content import content_source, record_source_for
-from binderbox.providers.git import GitSource
+from binderbox.providers.git import GitPolicy, GitSource
 from binderbox.providers.local import LocalSource
 from binderbox.providers.record import RecordSource
 
@@ -41,5 +41,8 @@ def source_for(repo: str, ref: str = "", settings: Settings | None = None) -> So
                 )
             return record
     if _URL.match(repo):
-        return GitSource(repo, ref or "HEAD")
+        allowed = None
+        if settings.check_remote_hosts:
+            allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+        return GitSource(repo, ref or "HEAD", policy=GitPolicy.from_settings(settings, allowed))
     return LocalSource(Path(repo), ref)

@@ -7,13 +7,15 @@ yields the events the /build stream sends. Errors become one ``failed`` event.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from binderbox.build.engine import DockerEngine
@@ -21,16 +23,22 @@ from binderbox.build.pipeline import BuildRequest, build_repository
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
-from binderbox.naming import image_name_for
 from binderbox.providers.base import Source
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.providers.content import content_source
-from binderbox.providers.git import GitSource
-from binderbox.providers.hosts import check_remote_url
-from binderbox.service.buildqueue import BuildQueue, follow
-from binderbox.service.limits import Limits
+from binderbox.providers.git import GitPolicy, GitSource
+from binderbox.service.blocking import BlockingPool
+from binderbox.service.buildqueue import BuildQueue
+from binderbox.service.limits import InFlight, Limits
 from binderbox.service.observe import LaunchEventLog, Metrics
-from binderbox.service.specs import RepoSpec, parse_spec
+from binderbox.service.specs import (
+    USERINFO_REFUSED,
+    RepoSpec,
+    SpecError,
+    has_userinfo,
+    parse_spec,
+    without_userinfo,
+)
 from binderbox.store import BuildStore
 
 logger = logging.getLogger(__name__)
@@ -60,9 +68,12 @@ class Launcher(Protocol):
 class LaunchRequest:
     provider: str
     spec: str
-    # Scheme and host the user reached us at, e.g. "http://127.0.0.1:8585/".
+    # The service's public address (public_url), e.g. "https://binder.example.org/"; links
+    # and binder_launch_host start with it. Never the request's Host header.
     launch_host: str
     build_only: bool = False
+    # Who asks (a limits bucket: an IPv4 address or an IPv6 /64), for per-address caps.
+    client: str = ""
 
 
 @dataclass
@@ -75,6 +86,16 @@ class ServiceContext:
     limits: Limits | None = None
     refs: RefCache | None = None
     store: BuildStore | None = None
+    # Threads for calls to hosts users name, and for local ones (Docker, the store):
+    # never asyncio's small default pool, which everything else shares.
+    remote: BlockingPool = field(default_factory=lambda: BlockingPool("binderbox-remote", 16, 64))
+    local: BlockingPool = field(default_factory=lambda: BlockingPool("binderbox-local", 8, 64))
+    # Launches under way per address.
+    launches: InFlight = field(default_factory=lambda: InFlight(0))
+
+
+# Seconds a local call (Docker, the state database) may take.
+LOCAL_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,13 +141,14 @@ def resolve_launch(
         # Every request these make (DOI redirects, APIs, downloads) is host-checked.
         source = content_source(provider, spec, settings.with_overrides(check_remote_hosts=True))
         content_id = source.resolve()
-        image = image_name_for(settings.image_prefix, source.slug(), content_id, {})
+        image = BuildRequest(source=source).image_for(settings, content_id)
         record = RepoSpec(provider, source.repo_url, content_id)
         return ResolvedLaunch(record, source, content_id, image)
     parsed = parse_spec(provider, spec)
-    check_remote_url(parsed.repo_url, allowed_hosts(settings))
     cached = refs.get(parsed.repo_url, parsed.ref) if refs else ""
-    source = GitSource(parsed.repo_url, parsed.ref, cached)
+    # Hosts are checked where git connects, and git is pinned to what passed.
+    policy = GitPolicy.from_settings(settings, allowed_hosts(settings))
+    source = GitSource(parsed.repo_url, parsed.ref, cached, policy)
     commit = source.resolve()
     if refs and commit and not cached:
         refs.put(parsed.repo_url, parsed.ref, commit)
@@ -136,7 +158,8 @@ def resolve_launch(
             f"'{parsed.ref}' looks like an abbreviated commit; use the full 40-character "
             "commit, a branch or a tag."
         )
-    image = image_name_for(settings.image_prefix, source.slug(), commit, {})
+    # The same request the build gets (see _launch), so both agree on the name.
+    image = BuildRequest(source=source).image_for(settings, commit)
     return ResolvedLaunch(parsed, source, commit, image)
 
 
@@ -168,10 +191,27 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
     started = time.monotonic()
     resolved: list[ResolvedLaunch] = []
     final: Event | None = None
+    userinfo = has_userinfo(request.spec)
+    if userinfo:
+        # From here on (store, events, pages) only the address without it is known.
+        request = dataclasses.replace(request, spec=without_userinfo(request.spec))
+    if request.client and not ctx.launches.acquire(request.client):
+        count = ctx.launches.cap
+        yield Event(
+            "failed",
+            f"Your address already has {count} launch{'es' if count != 1 else ''} in progress "
+            "here; wait for one to finish before starting another.",
+        )
+        return
+    # A call still stuck when the launch ended (timed out, or the client left) keeps the
+    # address's place until it returns: one address cannot pile up stuck threads.
+    calls: list[concurrent.futures.Future[Any]] = []
     ctx.metrics.launches_in_progress.inc()
     try:
         try:
-            async with contextlib.aclosing(_launch(request, ctx, resolved)) as events:
+            if userinfo:
+                raise SpecError(USERINFO_REFUSED)
+            async with contextlib.aclosing(_launch(request, ctx, resolved, calls)) as events:
                 async for event in events:
                     if event.phase == "ready":
                         final = event
@@ -199,6 +239,30 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
         yield final
     finally:
         ctx.metrics.launches_in_progress.dec()
+        if request.client:
+            _release_when_returned(ctx, request.client, calls)
+
+
+def _release_when_returned(
+    ctx: ServiceContext, client: str, calls: list[concurrent.futures.Future[Any]]
+) -> None:
+    pending = [call for call in calls if not call.done()]
+    if not pending:
+        ctx.launches.release(client)
+        return
+    loop = asyncio.get_running_loop()
+    left = [len(pending)]
+
+    def returned(_: concurrent.futures.Future[Any]) -> None:  # in the call's thread
+        def count() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                ctx.launches.release(client)
+
+        loop.call_soon_threadsafe(count)
+
+    for call in pending:
+        call.add_done_callback(returned)
 
 
 async def _record(
@@ -210,21 +274,45 @@ async def _record(
 ) -> None:
     status = "success" if final.phase == "ready" else "failed"
     ref = resolved[0].commit if resolved else ""
-    if status == "success" and ctx.events and not request.build_only and resolved:
-        await asyncio.to_thread(
-            ctx.events.record,
-            request.provider,
-            request.spec,
-            ref,
-            urlsplit(request.launch_host).netloc,
-        )
-    if ctx.store:
-        reason = str(final.fields.get("reason", "")) if status == "failed" else ""
-        await asyncio.to_thread(
-            ctx.store.record_launch, request.provider, request.spec, ref, status, seconds, reason
-        )
+    try:
+        if status == "success" and ctx.events and not request.build_only and resolved:
+            await ctx.local.run(
+                ctx.events.record,
+                request.provider,
+                request.spec,
+                ref,
+                urlsplit(request.launch_host).netloc,
+                timeout=LOCAL_TIMEOUT,
+                what="The launch-events file",
+            )
+        if ctx.store:
+            reason = str(final.fields.get("reason", "")) if status == "failed" else ""
+            await ctx.local.run(
+                ctx.store.record_launch,
+                request.provider,
+                request.spec,
+                ref,
+                status,
+                seconds,
+                reason,
+                timeout=LOCAL_TIMEOUT,
+                what="The state database",
+            )
+    except BinderboxError as error:  # the user still gets the outcome; the record is lost
+        logger.warning("the launch of %s was not recorded: %s", request.spec, error.message)
     ctx.metrics.launches.labels(status).inc()
     ctx.metrics.launch_seconds.labels(status).observe(seconds)
+
+
+def _remote_name(provider: str, spec: str) -> str:
+    """Who a resolve waits for, for the sentence that says it did not answer."""
+    if provider in CONTENT_PROVIDERS:
+        return f"The {provider} site"
+    try:
+        host = urlsplit(parse_spec(provider, spec).repo_url).netloc
+    except BinderboxError:
+        host = ""
+    return f"The git server {host}" if host else "The git server"
 
 
 def _resolving_message(provider: str, spec: str) -> str:
@@ -239,31 +327,51 @@ def _resolving_message(provider: str, spec: str) -> str:
 
 
 async def _launch(
-    request: LaunchRequest, ctx: ServiceContext, found: list[ResolvedLaunch]
+    request: LaunchRequest,
+    ctx: ServiceContext,
+    found: list[ResolvedLaunch],
+    calls: list[concurrent.futures.Future[Any]],
 ) -> AsyncIterator[Event]:
     settings = ctx.settings
     if ctx.limits:
         ctx.limits.check_spec(request.provider, request.spec)
     yield Event("fetching", _resolving_message(request.provider, request.spec))
-    resolved = await asyncio.to_thread(
-        resolve_launch, request.provider, request.spec, settings, ctx.refs
+    # git stops itself at the deadline (then its thread is free again); the pool's own
+    # deadline, a little later, is for calls that would not.
+    quick = settings.with_overrides(git_timeout=min(settings.git_timeout, settings.remote_timeout))
+    resolved = await ctx.remote.run(
+        resolve_launch,
+        request.provider,
+        request.spec,
+        quick,
+        ctx.refs,
+        timeout=settings.remote_timeout + 5,
+        what=_remote_name(request.provider, request.spec),
+        busy="binderbox is busy talking to other servers right now; try again in a minute.",
+        holds=calls,
     )
     found.append(resolved)
-    engine = await asyncio.to_thread(DockerEngine.connect, settings.docker_cli)
+    engine = await ctx.local.run(
+        DockerEngine.connect, settings.docker_cli, timeout=LOCAL_TIMEOUT, what="Docker"
+    )
     image = resolved.image
     fields = binder_fields(request, resolved)
 
-    if await asyncio.to_thread(engine.image_exists, image):
+    if await ctx.local.run(engine.image_exists, image, timeout=LOCAL_TIMEOUT, what="Docker"):
         yield Event("built", "Found a built image for this commit, launching.", {"image": image})
     else:
         build = BuildRequest(source=resolved.source)
         job, _ = ctx.queue.submit(
             image,
-            lambda emit: build_repository(build, settings, emit),
+            # Anonymous repositories: the builder treats them as untrusted.
+            lambda emit: build_repository(
+                build, settings.with_overrides(check_remote_hosts=True), emit
+            ),
             resolved.spec.repo_url,
             resolved.commit,
+            owner=request.client,
         )
-        async for event in follow(job):
+        async for event in ctx.queue.follow(job):
             if event.phase == "built":
                 continue  # said once below, after the build really ended
             yield event

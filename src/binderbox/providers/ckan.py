@@ -43,6 +43,11 @@ class CkanSource(RecordSource):
         return sites(settings.ckan_hosts)
 
     @classmethod
+    def token_sites(cls, settings: Settings) -> list[Site]:
+        # A host that answers status_show is anyone's; the token is for ckan_hosts only.
+        return sites(settings.ckan_hosts)
+
+    @classmethod
     def _from_page(
         cls, settings: Settings, base: str, path: str, url: SplitResult
     ) -> CkanSource | None:

@@ -64,6 +64,11 @@ class DataverseSource(RecordSource):
         return sites(*KNOWN, settings.dataverse_hosts)
 
     @classmethod
+    def token_sites(cls, settings: Settings) -> list[Site]:
+        # A token belongs to one installation: the well-known others never get it.
+        return sites(settings.dataverse_hosts)
+
+    @classmethod
     def _from_page(
         cls, settings: Settings, base: str, path: str, url: SplitResult
     ) -> DataverseSource | None:

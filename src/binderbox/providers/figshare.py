@@ -51,6 +51,11 @@ class FigshareSource(RecordSource):
         return sites(settings.figshare_url, *KNOWN, settings.figshare_hosts)
 
     @classmethod
+    def token_sites(cls, settings: Settings) -> list[Site]:
+        # Every request goes to the API; portals and the download host never see the token.
+        return sites(settings.figshare_api_url)
+
+    @classmethod
     def _from_page(
         cls, settings: Settings, base: str, path: str, url: SplitResult
     ) -> FigshareSource | None:

@@ -45,6 +45,10 @@ class HydroshareSource(RecordSource):
         return sites(settings.hydroshare_url, *KNOWN)
 
     @classmethod
+    def token_sites(cls, settings: Settings) -> list[Site]:
+        return sites(settings.hydroshare_url)
+
+    @classmethod
     def _from_page(
         cls, settings: Settings, base: str, path: str, url: SplitResult
     ) -> HydroshareSource | None:

@@ -24,7 +24,7 @@ from binderbox.providers.archive import (
     unpack,
 )
 from binderbox.providers.base import Fetched
-from binderbox.providers.http import Http
+from binderbox.providers.http import Http, Pins, origin_of
 
 _NOT_TAG = re.compile(r"[^A-Za-z0-9_.-]+")
 # Image tags allow 128 characters; naming.image_name_for keeps the first 64 of a commit.
@@ -148,6 +148,9 @@ class RecordSource:
         self.repo_url = repo_url
         self.ref = ""
         self._record: Record | None = None
+        # Each host is resolved (and checked) once for the record: fetch() connects where
+        # resolve() did, even when the name answers something else by then.
+        self._pins: Pins = {}
 
     @property
     def what(self) -> str:
@@ -161,16 +164,25 @@ class RecordSource:
         return self.record().content_id
 
     def _http(self) -> Http:
-        """A client that sends the provider's API token, if one is set, to its own hosts."""
+        """A client that sends the provider's API token, if one is set, to the hosts the
+        operator configured for this provider (:meth:`token_sites`) and nowhere else."""
         token = getattr(self.settings, self.token_setting, "") if self.token_setting else ""
         if not token:
-            return Http(self.settings)
-        hosts = {urlsplit(self.repo_url).netloc}
-        api = getattr(self, "api", "")
-        if api:
-            hosts.add(urlsplit(api).netloc)
+            return Http(self.settings, pins=self._pins)
+        origins = {
+            origin_of(site.base)
+            for site in self.token_sites(self.settings)
+            # A wildcard names many hosts, some perhaps not the provider's: no token there.
+            if not (site.parts.hostname or "").startswith("*.")
+        }
         name, template = self.token_header
-        return Http(self.settings, (hosts, {name: template.format(token=token)}))
+        return Http(self.settings, (origins, {name: template.format(token=token)}), self._pins)
+
+    @classmethod
+    def token_sites(cls, settings: Settings) -> list[Site]:
+        """Where this provider's token may go: sites the operator set (not the built-in
+        list, not hosts that merely answer like the provider)."""
+        return []
 
     def record(self) -> Record:
         """The record's metadata, read once: fetch() uses exactly what resolve() saw."""

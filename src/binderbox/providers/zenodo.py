@@ -41,6 +41,11 @@ class ZenodoSource(RecordSource):
         return sites(settings.zenodo_url, *KNOWN, settings.zenodo_hosts)
 
     @classmethod
+    def token_sites(cls, settings: Settings) -> list[Site]:
+        # The sandbox has accounts of its own; a zenodo.org token means nothing there.
+        return sites(settings.zenodo_url, settings.zenodo_hosts)
+
+    @classmethod
     def _from_page(
         cls, settings: Settings, base: str, path: str, url: SplitResult
     ) -> ZenodoSource | None:

@@ -7,10 +7,13 @@ import uuid
 
 import pytest
 from tests.test_content_providers import (  # noqa: F401  (fixtures)
+    REPO_FILES,
+    ContentServer,
     content_server,
     serve_zenodo,
     server,
     settings_for,
+    zip_bytes,
 )
 from tests.test_service_build import Service, phases
 
@@ -54,3 +57,27 @@ def test_records_on_a_private_address_are_refused_without_the_allow_list(server,
     assert "local or private network" in events[-1]["message"]
     # Nothing was fetched: the resolver on 127.0.0.1 was refused before any request.
     assert server.requests == []
+
+
+def test_a_record_download_redirected_to_a_private_host_fails_in_one_sentence(server, tmp_path):  # noqa: F811
+    serve_zenodo(server)
+    private = ContentServer("127.0.0.2")
+    private.thread.start()
+    try:
+        private.file("/secret.zip", zip_bytes(REPO_FILES))
+        content = "/zenodo/api/records/3242074/files/binder-demo-1.0.zip/content"
+        server.redirect(content, f"{private.base}/secret.zip")
+        svc = service_for(server, allowed_hosts="127.0.0.1")
+        try:
+            events, _ = svc.events("/build/zenodo/10.5281/zenodo.3242074?build_only=true")
+        finally:
+            svc.stop()
+    finally:
+        private.httpd.shutdown()
+        private.httpd.server_close()
+    failed = events[-1]
+    assert failed["phase"] == "failed", events
+    assert "local or private network (127.0.0.2)" in failed["message"], failed
+    assert "Traceback" not in failed["message"]
+    assert content in server.paths  # the record was read and its download asked for
+    assert private.requests == []

@@ -1,12 +1,27 @@
-"""Deterministic image names: the same repository, commit and options give the same name."""
+"""Image identity: the one place that decides what an image is called.
+
+The service (to find an image before building) and the builder (to tag what it built)
+both call ``image_name_for``, so a setting that changes the image can never make them
+disagree.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Mapping
+
+from binderbox.build import package_index
+from binderbox.config import Settings
 
 _NOT_NAME = re.compile(r"[^a-z0-9]+")
+
+# Operator settings that change what an image holds. A value other than the default is
+# part of the image's name, so changing one builds new images instead of reusing images
+# built the old way. (tests/test_naming_config.py lists the settings that do not.)
+IMAGE_SETTINGS = ("base_suite", "base_image", "cran_mirror", "compile_bytecode", "index_url")
 
 
 def escape_slug(text: str, limit: int = 96) -> str:
@@ -17,19 +32,37 @@ def escape_slug(text: str, limit: int = 96) -> str:
     return cleaned
 
 
-def options_digest(options: dict[str, object]) -> str:
+def options_digest(options: Mapping[str, object]) -> str:
     """A short digest of the build options that change the image's content."""
-    text = json.dumps(options, sort_keys=True)
+    text = json.dumps(dict(options), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def image_name_for(prefix: str, slug: str, commit: str, options: dict[str, object]) -> str:
-    """``<prefix><escaped slug>:<commit>``, with an options digest when options differ.
+def image_settings(settings: Settings) -> dict[str, object]:
+    """The operator settings among IMAGE_SETTINGS that differ from their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    chosen: dict[str, object] = {}
+    for name in IMAGE_SETTINGS:
+        value = getattr(settings, name)
+        if name == "index_url":
+            # Any address of PyPI itself is the default index.
+            if not package_index.is_default(value):
+                chosen[name] = value
+        elif value != defaults[name]:
+            chosen[name] = value
+    return chosen
 
-    ``options`` holds only non-default choices, so default builds share names with the
-    service's image cache.
+
+def image_name_for(
+    settings: Settings, slug: str, commit: str, options: Mapping[str, object] | None = None
+) -> str:
+    """``<prefix><escaped slug>:<commit or content id>``, with a digest of the non-default
+    choices (the operator's IMAGE_SETTINGS and the request's ``options``, e.g. --user-id).
+
+    Default builds add no digest, so their names stay short and stable.
     """
+    chosen = {**image_settings(settings), **(options or {})}
     tag = commit[:64]
-    if options:
-        tag += "-o" + options_digest(options)
-    return f"{prefix}{escape_slug(slug)}:{tag}"
+    if chosen:
+        tag += "-o" + options_digest(chosen)
+    return f"{settings.image_prefix}{escape_slug(slug)}:{tag}"

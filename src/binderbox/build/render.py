@@ -15,6 +15,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from binderbox.build import r_support, stack
+from binderbox.build.cache import cache_key
 from binderbox.build.plan import BuildPlan
 from binderbox.errors import UsageError
 
@@ -56,6 +57,19 @@ class ImageOptions:
     cran_mirror: str = ""
     # Compile the repository's Python packages to bytecode at build time.
     compile_bytecode: bool = False
+    # This deployment's cache secret (build/cache.py) and the repository's slug: the ids
+    # of the shared caches and of this repository's private one derive from them.
+    cache_secret: str = ""
+    repository_slug: str = ""
+
+    def cache_keys(self) -> tuple[str, str]:
+        """(shared key, this repository's key) for cache ids; ("", "") without a secret."""
+        if not self.cache_secret:
+            return "", ""
+        return (
+            cache_key(self.cache_secret, "shared"),
+            cache_key(self.cache_secret, "repository", self.repository_slug),
+        )
 
     @property
     def home(self) -> str:
@@ -110,6 +124,8 @@ class Recipe:
 class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
+    # Words of the Dockerfile that must not reach build logs (the cache ids' keys).
+    hidden: tuple[str, ...] = ()
         self.steps: list[Step] = []
 
     def add(self, line: str) -> None:
@@ -129,7 +145,19 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     uid = options.user_id
     owner = f"{uid}:{uid}"
     home, repo_dir = options.home, options.repo_dir
-    uv_cache = (f"type=cache,id=binderbox-uv-{uid},target={stack.UV_CACHE},uid={uid},gid={uid}",)
+    shared_key, private_key = options.cache_keys()
+    shared = f"-{shared_key}" if shared_key else ""
+    # The cache every repository's wheels-only installs share; no repository code ever
+    # runs while it is mounted (see _install).
+    uv_cache = (
+        f"type=cache,id=binderbox-uv-{uid}{shared},target={stack.UV_CACHE},uid={uid},gid={uid}",
+    )
+    # This repository's own cache, for whatever builds from source (setup.py, PEP 517).
+    private_cache = (
+        f"type=cache,id=binderbox-uv-{uid}-{private_key or 'repository'},"
+        f"target={stack.UV_CACHE},uid={uid},gid={uid}",
+    )
+    apt_mounts = tuple(_keyed(m, shared) for m in r_support.APT_CACHE_MOUNTS)
     w = _Writer()
 
     w.add(f"FROM {options.base_image}")
@@ -186,7 +214,7 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         w.run(
             "installing R from Debian packages",
             r_support.install_command(plan.r),
-            mounts=r_support.APT_CACHE_MOUNTS,
+            mounts=apt_mounts,
         )
         w.run(
             "configuring R (CRAN mirror, library)",
@@ -201,10 +229,7 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         w.run(
             "installing Debian packages (apt.txt)",
             "apt-get update -qq && apt-get install -y --no-install-recommends " + names,
-            mounts=(
-                "type=cache,id=binderbox-apt-cache,target=/var/cache/apt,sharing=locked",
-                "type=cache,id=binderbox-apt-lists,target=/var/lib/apt/lists,sharing=locked",
-            ),
+            mounts=apt_mounts,
         )
         w.add(f"USER {uid}")
 
@@ -219,12 +244,7 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     if reqs and not reqs.local:
         # Only the requirements file first: editing anything else keeps this layer.
         w.add(f"COPY --chown={owner} {requirements_source} {deps}")
-        w.run(
-            f"installing {reqs.path}",
-            f"uv pip install --python {stack.VENV}/bin/python"
-            " -r /tmp/binderbox-deps/requirements.txt",
-            mounts=uv_cache,
-        )
+        _install(w, f"installing {reqs.path}", "", f"-r {deps}", uv_cache, private_cache)
 
     w.add(f"COPY --chown={owner} {REPO_IN_CONTEXT}/ {repo_dir}/")
     w.add(f"WORKDIR {repo_dir}")
@@ -237,25 +257,30 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         w.add(f"COPY --chown={owner} {requirements_source} {posixpath.normpath(target)}")
         w.run(
             f"installing {reqs.path}",
-            f"cd {shlex.quote(folder)} && uv pip install --python {stack.VENV}/bin/python"
-            f" -r {beside} && rm {beside}",
-            mounts=uv_cache,
+            f"cd {shlex.quote(folder)} && ",
+            f"-r {beside}",
+            uv_cache,
+            private_cache,
+            then=f" && rm {beside}",
         )
     elif reqs and reqs.local:
         # Relative paths in it are relative to the repository, as pip reads them from there.
         if reqs.derived:
             w.add(f"COPY --chown={owner} {requirements_source} {deps}")
-        w.run(
+        _install(
+            w,
             f"installing {reqs.path}",
-            f"uv pip install --python {stack.VENV}/bin/python"
-            f" -r {deps if reqs.derived else shlex.quote(reqs.path)}",
-            mounts=uv_cache,
+            "",
+            f"-r {deps if reqs.derived else shlex.quote(reqs.path)}",
+            uv_cache,
+            private_cache,
         )
     if plan.install_project:
-        w.run(
+        _install(
+            w,
             f"installing the repository as a package ({plan.install_project})",
             f"uv pip install --python {stack.VENV}/bin/python .",
-            mounts=uv_cache,
+            mounts=private_cache,
         )
     if plan.r and (plan.r.install_script or plan.r.package):
         # After the copy, as install.R may use the repository's files; before postBuild.
@@ -297,7 +322,49 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     w.add("EXPOSE 8888")
     w.add('ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/usr/local/bin/binderbox-entrypoint"]')
     w.add(f"CMD {json.dumps(list(DEFAULT_COMMAND))}")
-    return Recipe("\n".join(w.lines) + "\n", support, tuple(w.steps))
+    hidden = tuple(k for k in (shared_key, private_key) if k)
+    return Recipe("\n".join(w.lines) + "\n", support, tuple(w.steps), hidden)
+
+
+# Left in the layer by a wheels-only install that could not finish; the next step sees it.
+NEEDS_BUILD_MARKER = "/tmp/binderbox-needs-build"
+
+
+def _install(
+    w: _Writer,
+    description: str,
+    prefix: str,
+    requirements: str,
+    shared: tuple[str, ...],
+    private: tuple[str, ...],
+    then: str = "",
+) -> None:
+    """Install requirements in two steps, so no repository code runs beside the shared cache.
+
+    First wheels only (``--no-build``: uv runs no setup.py or build backend) with the cache
+    every repository shares; when something must be built from source, that step leaves a
+    marker and the second installs everything with this repository's private cache, which
+    no other repository's build mounts. Without the marker the second step does nothing.
+    """
+    install = f"uv pip install --python {stack.VENV}/bin/python {requirements}"
+    w.run(
+        description + ", wheels only",
+        f"{prefix}{{ {install} --no-build{then} || {{ touch {NEEDS_BUILD_MARKER};"
+        ' echo "binderbox: some requirements must be built from source, which happens'
+        " with this repository's own cache\"; }; }",
+        mounts=shared,
+    )
+    w.run(
+        description,
+        f"if [ -e {NEEDS_BUILD_MARKER} ]; then rm {NEEDS_BUILD_MARKER} && {prefix}{install}"
+        f"{then}; fi",
+        mounts=private,
+    )
+
+
+def _keyed(mount: str, key: str) -> str:
+    """A cache mount with ``key`` appended to its id."""
+    return re.sub(r"\bid=([^,]+)", lambda m: f"id={m[1]}{key}", mount, count=1)
 
 
 def _user_command(options: ImageOptions) -> str:

@@ -1,0 +1,346 @@
+"""The index_url setting: every build installs from the operator's package index, and
+sources that name PyPI itself mean that index. Pure tests first, then real builds against
+a PEP 503 index this test serves (of a wheel it writes) where build steps reach it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import ipaddress
+import json
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tests.conftest import binderbox, run_in_image
+
+from binderbox.build import base, package_index, pipfile
+from binderbox.build.plan import BuildPlan, Requirements
+from binderbox.build.render import ImageOptions, render
+from binderbox.config import load_settings
+from binderbox.errors import UsageError
+
+MIRROR = "https://pypi.example.org/mirror/simple"
+
+
+# --- which addresses are PyPI -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://pypi.org/simple",
+        "https://pypi.org/simple/",
+        "http://pypi.org/simple",
+        "https://pypi.org",
+        "https://pypi.python.org/simple",
+        "http://pypi.python.org/simple/",
+        "https://pypi.python.org",
+        "https://files.pythonhosted.org",
+        "https://files.pythonhosted.org/simple",
+        "HTTPS://PyPI.org/simple",
+    ],
+)
+def test_addresses_of_pypi_itself(url):
+    assert package_index.names_pypi(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://test.pypi.org/simple",
+        "https://pypi.org.example.com/simple",
+        "https://download.pytorch.org/whl/cpu",
+        "https://pypi.org/project/six",
+        "https://pypi.org:8443/simple",
+        "https://user:token@pypi.org/simple",
+        "ftp://pypi.org/simple",
+        "",
+    ],
+)
+def test_addresses_that_are_not_pypi(url):
+    assert not package_index.names_pypi(url)
+
+
+# --- the setting ------------------------------------------------------------------------------
+
+
+def test_the_default_is_pypi():
+    assert load_settings(environ={"BINDERBOX_CA_BUNDLE": ""}).index_url == (
+        "https://pypi.org/simple"
+    )
+    settings = load_settings(environ={"BINDERBOX_CA_BUNDLE": "", "BINDERBOX_INDEX_URL": MIRROR})
+    assert settings.index_url == MIRROR
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("https://alice:secret@mirror.example.org/simple", "user name or password"),
+        ("mirror.example.org/simple", "http(s) address"),
+        ('https://mirror.example.org/"simple', "http(s) address"),
+        ("https://mirror.example.org/sim ple", "http(s) address"),
+        ("https://mirror.example.org/$HOME", "http(s) address"),
+    ],
+)
+def test_an_unusable_index_is_refused_with_one_sentence(value, words):
+    with pytest.raises(UsageError) as info:
+        load_settings(environ={"BINDERBOX_CA_BUNDLE": "", "BINDERBOX_INDEX_URL": value})
+    assert "index_url" in info.value.message and words in info.value.message
+    assert "secret" not in info.value.message
+
+
+# --- Pipfile and Pipfile.lock sources ---------------------------------------------------------
+
+
+def pipfile_with_sources(*urls: str) -> str:
+    sources = "".join(f'[[source]]\nurl = "{url}"\nname = "s{i}"\n\n' for i, url in enumerate(urls))
+    return sources + '[packages]\nsix = "*"\n'
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://pypi.python.org/simple",
+        "https://pypi.org/simple",
+        "http://pypi.python.org/simple/",
+        "https://files.pythonhosted.org",
+    ],
+)
+def test_a_pipfile_source_naming_pypi_means_the_configured_index(url):
+    derived = pipfile.from_pipfile(pipfile_with_sources(url), "Pipfile")
+    assert derived.text.splitlines() == ["six"]
+
+
+def test_other_pipfile_sources_stay_as_written():
+    derived = pipfile.from_pipfile(
+        pipfile_with_sources("https://pypi.python.org/simple", "https://extra.example.org/simple"),
+        "Pipfile",
+    )
+    assert derived.text.splitlines() == [
+        "--extra-index-url https://extra.example.org/simple",
+        "six",
+    ]
+
+
+def test_lock_sources_are_read_like_the_pipfiles():
+    lock = {
+        "_meta": {
+            "sources": [
+                {"name": "pypi", "url": "https://pypi.python.org/simple", "verify_ssl": True},
+                {"name": "own", "url": "https://extra.example.org/simple", "verify_ssl": True},
+            ]
+        },
+        "default": {"six": {"version": "==1.16.0"}},
+    }
+    derived = pipfile.from_lock(json.dumps(lock), "Pipfile.lock")
+    assert derived.text.splitlines() == [
+        "--extra-index-url https://extra.example.org/simple",
+        "six==1.16.0",
+    ]
+
+
+# --- the Dockerfile ---------------------------------------------------------------------------
+
+PLAN = BuildPlan(requirements=Requirements(path="requirements.txt", local=False))
+
+
+def dockerfile(**options) -> list[str]:
+    return render(PLAN, ImageOptions(base_image="binderbox/base:x", **options)).dockerfile.split(
+        "\n"
+    )
+
+
+def test_pypi_adds_nothing_to_the_dockerfile():
+    plain = dockerfile()
+    assert not [line for line in plain if "UV_DEFAULT_INDEX" in line or "PIP_INDEX_URL" in line]
+    assert dockerfile(index_url="https://pypi.python.org/simple") == plain
+    assert dockerfile(index_url=package_index.DEFAULT_INDEX) == plain
+
+
+@pytest.mark.parametrize("foreign", [False, True])
+def test_the_index_is_set_before_anything_is_installed(foreign):
+    lines = dockerfile(index_url=MIRROR, foreign_base=foreign)
+    env = [i for i, line in enumerate(lines) if line.startswith("ENV UV_DEFAULT_INDEX=")]
+    assert len(env) == 1
+    assert lines[env[0]] == f"ENV UV_DEFAULT_INDEX={MIRROR} PIP_INDEX_URL={MIRROR}"
+    installs = [i for i, line in enumerate(lines) if "install" in line and line.startswith("RUN")]
+    assert installs and env[0] < min(installs)
+
+
+def test_an_unusable_index_never_reaches_the_dockerfile():
+    with pytest.raises(UsageError, match="index_url"):
+        dockerfile(index_url="https://mirror.example.org/x\nRUN rm -rf /")
+
+
+def test_the_base_gets_the_index_as_build_arguments_only():
+    plain = base._finishing_dockerfile("ROOTFS")
+    assert "INDEX" not in plain
+    mirrored = base._finishing_dockerfile("ROOTFS", MIRROR)
+    assert f"ARG UV_DEFAULT_INDEX={MIRROR}\nARG PIP_INDEX_URL={MIRROR}\n" in mirrored
+    # Not in the base's environment, which images built on it would inherit.
+    assert not [
+        line for line in mirrored.splitlines() if line.startswith("ENV") and "INDEX" in line
+    ]
+    assert base._finishing_dockerfile("ROOTFS", "https://pypi.org/simple/") == plain
+
+
+# --- real builds through a package index the test serves --------------------------------------
+
+PROBE = "binderbox-index-probe"
+PROBE_MODULE = "binderbox_index_probe"
+
+
+def probe_wheel(folder: Path) -> Path:
+    """A pure-Python wheel of PROBE, written by hand (a wheel is a zip with dist-info)."""
+    dist_info = f"{PROBE_MODULE}-1.0.dist-info"
+    files = {
+        f"{PROBE_MODULE}/__init__.py": 'SERVED_BY = "the test index"\n',
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {PROBE}\nVersion: 1.0\n",
+        f"{dist_info}/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: binderbox-tests\nRoot-Is-Purelib: true\n"
+            "Tag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, text in files.items():
+        digest = hashlib.sha256(text.encode()).digest()
+        encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        record.append(f"{name},sha256={encoded},{len(text.encode())}")
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = "\n".join(record) + "\n"
+    wheel = folder / f"{PROBE_MODULE}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+@dataclass
+class ServedIndex:
+    """The test's index: every build gets its own address on it (uv's cache is kept per
+    index address, so each build really downloads), and every request is recorded."""
+
+    root: str
+    requests: list[str] = field(default_factory=list)
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}/simple"
+
+    def downloads(self, name: str) -> list[str]:
+        """The wheels fetched (GET) through ``name``'s address."""
+        prefix = f"GET /{name}/"
+        return [r[4:] for r in self.requests if r.startswith(prefix) and r.endswith(".whl")]
+
+
+def docker_gateway(docker_client) -> str:
+    """The host's address on Docker's default bridge: where build steps reach the host."""
+    config = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    # dockerd leaves Gateway out when it chose the default, the subnet's first address.
+    return config.get("Gateway") or str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+
+
+@pytest.fixture(scope="module")
+def test_index(docker_client, tmp_path_factory) -> Iterator[ServedIndex]:
+    """A PEP 503 simple index of the probe wheel, listening on the docker0 gateway."""
+    folder = tmp_path_factory.mktemp("index")
+    wheel = probe_wheel(folder)
+    data = wheel.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    project_page = (
+        f'<!DOCTYPE html><html><body><a href="../../files/{wheel.name}#sha256={sha}">'
+        f"{wheel.name}</a></body></html>"
+    ).encode()
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.answer(with_body=True)
+
+        def do_HEAD(self) -> None:  # uv asks first whether it may read wheels in ranges
+            self.answer(with_body=False)
+
+        def answer(self, with_body: bool) -> None:
+            seen.append(f"{self.command} {self.path}")
+            # /<build's own name>/simple/<project>/ and /<name>/files/<wheel>
+            _, _, path = self.path.lstrip("/").partition("/")
+            if path.rstrip("/") == f"simple/{PROBE}":
+                body, kind = project_page, "text/html"
+            elif path == f"files/{wheel.name}":
+                body, kind = data, "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((docker_gateway(docker_client), 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        yield ServedIndex(f"http://{host}:{port}", seen)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def build_with_index(repo: Path, index_url: str, built_images: set[str]):
+    # The CLI: no serve, so no build firewall between build steps and the host.
+    result = binderbox("build", "--json-logs", str(repo), env={"BINDERBOX_INDEX_URL": index_url})
+    if result.image:
+        built_images.add(result.image)
+    return result
+
+
+def probe_in(image: str) -> str:
+    shown = run_in_image(
+        image, "python", "-c", f"import {PROBE_MODULE}; print({PROBE_MODULE}.SERVED_BY)"
+    )
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout.strip()
+
+
+@pytest.mark.docker
+def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
+    base_image, built_images, make_repo, test_index
+):
+    repo = make_repo(
+        {
+            "Pipfile": (
+                '[[source]]\nurl = "https://pypi.python.org/simple"\nverify_ssl = true\n'
+                f'name = "pypi"\n\n[packages]\n{PROBE} = "*"\n'
+            )
+        }
+    )
+    index_url = test_index.url("pipfile")
+    result = build_with_index(repo, index_url, built_images)
+    assert result.code == 0, (result.stderr, result.failure)
+    assert probe_in(result.image) == "the test index"
+    wheel = f"/pipfile/files/{PROBE_MODULE}-1.0-py3-none-any.whl"
+    assert test_index.downloads("pipfile") and set(test_index.downloads("pipfile")) == {wheel}
+    # Sessions' pip and uv use it too.
+    shown = run_in_image(result.image, "sh", "-c", "echo $PIP_INDEX_URL $UV_DEFAULT_INDEX")
+    assert shown.stdout.split() == [index_url, index_url]
+
+
+@pytest.mark.docker
+def test_requirements_txt_installs_from_the_configured_index(
+    base_image, built_images, make_repo, test_index
+):
+    repo = make_repo({"requirements.txt": f"{PROBE}==1.0\n"})
+    result = build_with_index(repo, test_index.url("requirements"), built_images)
+    assert result.code == 0, (result.stderr, result.failure)
+    assert probe_in(result.image) == "the test index"
+    assert test_index.downloads("requirements")

@@ -90,7 +90,8 @@ class Settings:
     ckan_hosts: str = ""
     # Limits on one record's content, counted while downloading and again while unpacking.
     # Optional API tokens (for higher rate limits or records shared with the token's
-    # owner), sent only to that provider's own hosts.
+    # owner), sent only to the hosts set for that provider (zenodo_url and zenodo_hosts,
+    # figshare_api_url, dataverse_hosts, hydroshare_url, ckan_hosts), never discovered ones.
     zenodo_token: str = ""
     figshare_token: str = ""
     dataverse_token: str = ""

@@ -58,7 +58,7 @@ def test_layers_are_ordered_cache_first():
     server = index(lines, "jupyterlab==")
     apt = index(lines, "apt-get install -y --no-install-recommends curl")
     deps_copy = index(lines, "repo/binder/requirements.txt /tmp/binderbox-deps/")
-    deps_install = index(lines, "-r /tmp/binderbox-deps/requirements.txt")
+    deps_install = index(lines, "-r /tmp/binderbox-deps/requirements.txt --no-build")
     full_copy = index(lines, "COPY --chown=1000:1000 repo/ ")
     post_build = index(lines, "./binder/postBuild")
     assert server < apt < deps_copy < deps_install < full_copy < post_build
@@ -83,7 +83,9 @@ def test_local_requirements_installed_after_the_full_copy():
     assert "/tmp/binderbox-deps" not in text
     full_copy = index(lines, "COPY --chown=1000:1000 repo/ /home/jovyan/")
     workdir = index(lines, "WORKDIR /home/jovyan")
-    install = index(lines, "pip install --python /srv/venv/bin/python -r requirements.txt")
+    install = index(
+        lines, "pip install --python /srv/venv/bin/python -r requirements.txt --no-build"
+    )
     assert full_copy < workdir < install
 
 

@@ -14,7 +14,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from binderbox.build import r_support, stack
+from binderbox.build import package_index, r_support, stack
 from binderbox.build.cache import cache_key
 from binderbox.build.plan import BuildPlan
 from binderbox.errors import UsageError
@@ -61,6 +61,8 @@ class ImageOptions:
     # of the shared caches and of this repository's private one derive from them.
     cache_secret: str = ""
     repository_slug: str = ""
+    # The package index pip and uv install from; "" or any address of PyPI means PyPI.
+    index_url: str = ""
 
     def cache_keys(self) -> tuple[str, str]:
         """(shared key, this repository's key) for cache ids; ("", "") without a secret."""
@@ -102,6 +104,9 @@ class ImageOptions:
                 f"cran_mirror {self.cran_mirror!r} must be an http(s) URL without quotes, "
                 "backslashes or spaces."
             )
+        index_problem = package_index.check_index_url(self.index_url) if self.index_url else ""
+        if index_problem:
+            raise UsageError(index_problem)
 
 
 @dataclass(frozen=True)
@@ -119,13 +124,13 @@ class Recipe:
     dockerfile: str
     support_files: dict[str, str] = field(default_factory=dict)
     steps: tuple[Step, ...] = ()
+    # Words of the Dockerfile that must not reach build logs (the cache ids' keys).
+    hidden: tuple[str, ...] = ()
 
 
 class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
-    # Words of the Dockerfile that must not reach build logs (the cache ids' keys).
-    hidden: tuple[str, ...] = ()
         self.steps: list[Step] = []
 
     def add(self, line: str) -> None:
@@ -166,6 +171,11 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         "ENV DEBIAN_FRONTEND=noninteractive LANG=en_US.UTF-8 LANGUAGE=en_US:en "
         "LC_ALL=en_US.UTF-8 SHELL=/bin/bash"
     )
+    index_environment = package_index.environment(options.index_url)
+    if index_environment:
+        # Before anything is installed: uv itself (on other bases), the server stack and
+        # the repository's packages all come from the operator's index.
+        w.add(f"ENV {index_environment}")
     if options.foreign_base:
         w.run("preparing the base image", system_bootstrap_command())
     support = {"entrypoint": ENTRYPOINT_SCRIPT}
@@ -255,7 +265,8 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         beside = ".binderbox-pip-requirements.txt"
         target = posixpath.join(repo_dir, folder, beside)
         w.add(f"COPY --chown={owner} {requirements_source} {posixpath.normpath(target)}")
-        w.run(
+        _install(
+            w,
             f"installing {reqs.path}",
             f"cd {shlex.quote(folder)} && ",
             f"-r {beside}",
@@ -276,8 +287,8 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
             private_cache,
         )
     if plan.install_project:
-        _install(
-            w,
+        # The repository's own code builds here: never with the shared cache.
+        w.run(
             f"installing the repository as a package ({plan.install_project})",
             f"uv pip install --python {stack.VENV}/bin/python .",
             mounts=private_cache,

@@ -12,6 +12,7 @@ from binderbox.build.plan import AptPackage, BuildPlan, Requirements, RSetup
 from binderbox.build.render import ImageOptions, render
 from binderbox.config import Settings, load_settings
 from binderbox.errors import ConfigError, UsageError
+from binderbox.naming import image_settings
 from binderbox.providers import LocalSource
 
 BASE = "binderbox/base:bookworm-20250101"
@@ -381,9 +382,10 @@ def test_mirror_and_r_fallback_from_environment_and_toml(tmp_path):
 
 def test_a_mirror_setting_changes_the_image_name(tmp_path):
     request = BuildRequest(source=LocalSource(tmp_path))
-    assert request.non_default_options(SETTINGS) == {}
+    assert request.non_default_options() == {}
     mirrored = SETTINGS.with_overrides(cran_mirror="https://cran.example.org")
-    assert request.non_default_options(mirrored) == {"cran_mirror": "https://cran.example.org"}
+    assert image_settings(mirrored) == {"cran_mirror": "https://cran.example.org"}
+    assert request.image_for(mirrored, "c0ffee") != request.image_for(SETTINGS, "c0ffee")
 
 
 # --- which R: one per Debian suite -------------------------------------------------------------

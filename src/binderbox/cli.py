@@ -148,6 +148,7 @@ def base(suite: str | None, rebuild: bool, config_file: str | None) -> None:
             chosen,
             mirror=settings.debian_mirror,
             ca_bundle=settings.ca_bundle,
+            index_url=settings.index_url,
             on_line=lambda line: out(Event("building", line, log=True)),
         )
         out(Event("built", f"Built {name}"))
@@ -208,6 +209,7 @@ def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str
             with_ca_bundle=bool(settings.ca_bundle),
             cran_mirror=settings.cran_mirror,
             compile_bytecode=settings.compile_bytecode,
+            index_url=settings.index_url,
         ),
     )
     click.echo(recipe.dockerfile, nl=False)

@@ -67,10 +67,6 @@ class Settings:
     # environment.yml's pip section, setup.py, the server stack on other bases): a PyPI
     # mirror such as devpi, Artifactory or Nexus. Sources naming PyPI itself mean this one.
     index_url: str = package_index.DEFAULT_INDEX
-    # The Python package index every build installs from (requirements.txt, Pipfile,
-    # environment.yml's pip section, setup.py, the server stack on other bases): a PyPI
-    # mirror such as devpi, Artifactory or Nexus. Sources naming PyPI itself mean this one.
-    index_url: str = package_index.DEFAULT_INDEX
 
     # Content providers (DOIs and research-data records). Lists are base URLs separated by
     # commas or spaces. The DOI resolver that turns a DOI into the record's landing page.
@@ -289,9 +285,6 @@ def _validated(settings: Settings) -> Settings:
             f"Setting 'cran_mirror' must be an http(s) URL without quotes, backslashes or "
             f"spaces, not {settings.cran_mirror!r}."
         )
-    index_problem = package_index.check_index_url(settings.index_url)
-    if index_problem:
-        raise UsageError(index_problem)
     index_problem = package_index.check_index_url(settings.index_url)
     if index_problem:
         raise UsageError(index_problem)

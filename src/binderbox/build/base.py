@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from binderbox.build import stack
+from binderbox.build import package_index, stack
 from binderbox.build.engine import DockerEngine
 from binderbox.build.render import server_stack_command, uv_install_command
 from binderbox.errors import BuildFailed, UsageError
@@ -46,11 +46,13 @@ _IMPORT_CHANGES = [
 ]
 
 
-def _finishing_dockerfile(rootfs_tag: str) -> str:
+def _finishing_dockerfile(rootfs_tag: str, index_url: str = "") -> str:
     """uv, the default user and the Jupyter server stack on top of the Debian root fs.
 
     The stack lives in the base so that every repository's build starts from it: it is
-    the biggest part of any image and identical for all of them.
+    the biggest part of any image and identical for all of them. ``index_url`` is where
+    uv and the stack come from; as build arguments it stays out of the base's own
+    environment (images set their own) and out of its recipe (the content is the same).
     """
     # The CA bundle is bind-mounted for pip and uv and never copied into the base.
     ca = "/tmp/binderbox-ca.crt"
@@ -59,8 +61,11 @@ def _finishing_dockerfile(rootfs_tag: str) -> str:
     uv_cache = (
         f"--mount=type=cache,id=binderbox-uv-{uid},target={stack.UV_CACHE},uid={uid},gid={uid}"
     )
+    index = package_index.environment(index_url)
+    arguments = "".join(f"ARG {pair}\n" for pair in index.split())
     return (
         f"FROM {rootfs_tag}\n"
+        f"{arguments}"
         f"RUN {ca_mount} {uv_install_command(ca)}"
         f" && ln -s {stack.UV_HOME}/bin/uv /usr/local/bin/uv\n"
         f"RUN groupadd --gid {uid} {name}"
@@ -106,6 +111,7 @@ def build_base(
     *,
     mirror: str = "",
     ca_bundle: str = "",
+    index_url: str = "",
     on_line: Callable[[str], None] = lambda line: None,
 ) -> str:
     """Bootstrap ``binderbox/base:<suite>-<date>`` and return its name."""
@@ -140,7 +146,7 @@ def build_base(
         context.mkdir()
         bundle = Path(ca_bundle) if ca_bundle else Path("/etc/ssl/certs/ca-certificates.crt")
         shutil.copyfile(bundle, context / "ca.crt")
-        (context / "Dockerfile").write_text(_finishing_dockerfile(rootfs_tag))
+        (context / "Dockerfile").write_text(_finishing_dockerfile(rootfs_tag, index_url))
         try:
             engine.build(
                 context,

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from binderbox.build.requirement_lines import refers_to_repository
-from binderbox.errors import ConfigError
+from binderbox.errors import ConfigError, quoted, shortened
 
 # Conda names whose PyPI project has another name. Names that differ only in case or in
 # "-", "_" and "." are the same project on PyPI (PEP 503) and need no entry.
@@ -186,15 +186,65 @@ class CondaTranslation:
     channels: tuple[str, ...]
 
 
-def translate(text: str, rel: str) -> CondaTranslation:
-    """Translate an environment.yml's text; ``rel`` names it in errors and notes."""
+# libyaml's parser when PyYAML has it (about ten times faster), else PyYAML's own.
+_YAML_LOADER = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+# Bounds on what an environment file may hold before it is turned into Python values:
+# real ones have a few hundred entries, nested three or four deep. Without them a file
+# under the size cap could still keep PyYAML busy for minutes.
+MAX_YAML_NODES = 20_000
+MAX_YAML_DEPTH = 32
+
+
+def load_yaml(text: str, rel: str) -> Any:
+    """Parse a repository's YAML file, bounded; ConfigError with a short reason.
+
+    A first pass over the parser's events (no values built yet) refuses aliases
+    (``*name``, and ``<<: *name`` merges: what lets a few hundred bytes expand into
+    gigabytes; conda's own exports never use them), more than ``MAX_YAML_NODES`` entries
+    and nesting deeper than ``MAX_YAML_DEPTH``; only then are the values built.
+    """
     try:
-        data = yaml.safe_load(text)
+        nodes = depth = 0
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            line = event.start_mark.line + 1 if event.start_mark else 0
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(
+                    f"{rel} line {line} uses a YAML alias (*name); binderbox does not expand "
+                    "aliases, write the entries out."
+                )
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ConfigError(
+                        f"{rel} line {line} nests deeper than {MAX_YAML_DEPTH} levels; an "
+                        "environment file needs three or four."
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if isinstance(event, yaml.NodeEvent):
+                nodes += 1
+                if nodes > MAX_YAML_NODES:
+                    raise ConfigError(
+                        f"{rel} has more than {MAX_YAML_NODES:,} entries, more than binderbox "
+                        "reads from an environment file."
+                    )
+        return yaml.load(text, Loader=_YAML_LOADER)  # a safe loader: plain values only
+    except yaml.reader.ReaderError as err:
+        raise ConfigError(
+            f"{rel} contains a character YAML does not allow (#x{err.character:02x})."
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or "it cannot be parsed"
-        raise ConfigError(f"{rel} is not valid YAML: {problem}{where}.") from None
+        raise ConfigError(f"{rel} is not valid YAML: {shortened(problem)}{where}.") from None
+    except RecursionError:
+        raise ConfigError(f"{rel} nests too deeply to be read.") from None
+
+
+def translate(text: str, rel: str) -> CondaTranslation:
+    """Translate an environment.yml's text; ``rel`` names it in errors and notes."""
+    data = load_yaml(text, rel)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -218,7 +268,7 @@ def translate(text: str, rel: str) -> CondaTranslation:
             continue
         if not isinstance(entry, str):
             raise ConfigError(
-                f"{rel}: the dependency {entry!r} is neither a package nor the pip section."
+                f"{rel}: the dependency {quoted(entry)} is neither a package nor the pip section."
             )
         name, spec = _parse(entry, rel)
         key = name.lower()
@@ -272,14 +322,14 @@ def _parse(entry: str, rel: str) -> tuple[str, Spec]:
     """A conda match spec → its package name and a PEP 440 specifier."""
     text = entry.strip()
     if "\n" in text or "\r" in text:
-        raise ConfigError(f"{rel}: the dependency {entry!r} spans several lines.")
+        raise ConfigError(f"{rel}: the dependency {quoted(entry)} spans several lines.")
     text = text.rpartition("::")[2]  # channel prefix: conda-forge::numpy
     match = _NAME.match(text)
     if not match:
-        raise ConfigError(f"{rel}: {entry!r} is not a conda package specification.")
+        raise ConfigError(f"{rel}: {quoted(entry)} is not a conda package specification.")
 
     def not_understood(why: str) -> ConfigError:
-        return ConfigError(f"{rel}: the version in {entry!r} is not understood ({why}).")
+        return ConfigError(f"{rel}: the version in {quoted(entry)} is not understood ({why}).")
 
     rest = match["rest"]
     if "[" in rest:
@@ -306,14 +356,14 @@ def _parse(entry: str, rel: str) -> tuple[str, Spec]:
         op, number = (operator[1], item[operator.end() :]) if operator else ("==", item)
         if number in ("*", ""):
             if number == "" or op != "==":
-                raise not_understood(f"{item!r} has no version")
+                raise not_understood(f"{quoted(item)} has no version")
             continue  # any version
         if number.endswith("*") and not number.endswith(".*"):
             number = number[:-1] + ".*"  # 1.26* → 1.26.*
         elif fuzzy and not operator and not number.endswith(".*") and number.count(".") < 2:
             number += ".*"  # numpy=1.26 means the 1.26 series
         if not _VERSION.match(number) or (number.endswith(".*") and op not in ("==", "!=")):
-            raise not_understood(f"{item!r} cannot be written as a PyPI version")
+            raise not_understood(f"{quoted(item)} cannot be written as a PyPI version")
         pairs.append((op, number))
     return match["name"], tuple(pairs)
 
@@ -324,7 +374,7 @@ def _python_version(spec: Spec, entry: str, rel: str) -> tuple[str, str]:
     for op, version in spec:
         match = re.match(r"^(\d+)(?:\.(\d+))?", version)
         if not match:
-            raise ConfigError(f"{rel}: {entry!r} does not name a Python version.")
+            raise ConfigError(f"{rel}: {quoted(entry)} does not name a Python version.")
         if op == "==":
             # python=3 means any Python 3: the base image's.
             return (f"{match[1]}.{match[2]}" if match[2] else ""), ""
@@ -339,10 +389,10 @@ def _pip_section(lines: Any, rel: str) -> list[str]:
     result: list[str] = []
     for line in lines:
         if not isinstance(line, str):
-            raise ConfigError(f"{rel}: the pip entry {line!r} is not a requirement line.")
+            raise ConfigError(f"{rel}: the pip entry {quoted(line)} is not a requirement line.")
         line = line.strip()
         if "\n" in line or "\r" in line:
-            raise ConfigError(f"{rel}: the pip entry {line!r} spans several lines.")
+            raise ConfigError(f"{rel}: the pip entry {quoted(line)} spans several lines.")
         if line and not line.startswith("#"):
             result.append(line)
     return result

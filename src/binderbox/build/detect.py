@@ -23,16 +23,15 @@ The rules follow repo2docker's documented behaviour:
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from binderbox.build import conda, pipfile, r_support
+from binderbox.build import conda, pipfile, r_support, repofiles
 from binderbox.build.plan import AptPackage, BuildPlan, Requirements, RSetup
 from binderbox.build.requirement_lines import refers_to_repository
-from binderbox.errors import ConfigError
+from binderbox.errors import ConfigError, quoted
 
 BINDER_DIRS = ("binder", ".binder")
 
@@ -55,19 +54,22 @@ _RUNTIME_PYTHON = re.compile(r"python-(?P<major>\d+)(?:\.(?P<minor>\d+)(?:\.\d+)
 def detect(repo: Path) -> BuildPlan:
     """Return the build plan for the repository checked out at ``repo``.
 
-    Raises ConfigError, naming the file, when the configuration cannot be used.
+    Raises ConfigError, naming the file, when the configuration cannot be used. Every
+    file is found and read through :mod:`repofiles`: inside the repository, size-capped.
     """
     if not repo.is_dir():
         raise ConfigError(f"The repository folder '{repo}' does not exist.")
 
     config_dir = _config_dir(repo)
-    conf = repo / config_dir if config_dir else repo
 
     def rel(name: str) -> str:
         return f"{config_dir}/{name}" if config_dir else name
 
     def present(name: str) -> bool:
-        return (conf / name).is_file()
+        return repofiles.is_file(repo, rel(name))
+
+    def read(name: str) -> str:
+        return repofiles.read_text(repo, rel(name))
 
     if present("Dockerfile"):
         return BuildPlan(config_dir=config_dir, dockerfile=rel("Dockerfile"))
@@ -84,7 +86,7 @@ def detect(repo: Path) -> BuildPlan:
 
     warnings: list[str] = []
     runtime_python = (
-        _read_runtime(conf / "runtime.txt", rel("runtime.txt")) if present("runtime.txt") else ""
+        _read_runtime(read("runtime.txt"), rel("runtime.txt")) if present("runtime.txt") else ""
     )
 
     # Which file lists the Python packages: the first one present wins.
@@ -97,7 +99,7 @@ def detect(repo: Path) -> BuildPlan:
         )
     if environment:
         name = rel(environment[0])
-        translated = conda.translate(_read_text(conf / environment[0], name), name)
+        translated = conda.translate(read(environment[0]), name)
         if translated.unsupported:
             raise ConfigError(
                 f"{name}: binderbox cannot provide these conda packages without conda: "
@@ -114,23 +116,23 @@ def detect(repo: Path) -> BuildPlan:
     elif present("Pipfile.lock") or present("Pipfile"):
         name = "Pipfile.lock" if present("Pipfile.lock") else "Pipfile"
         translate = pipfile.from_lock if name == "Pipfile.lock" else pipfile.from_pipfile
-        derived = translate(_read_text(conf / name, rel(name)), rel(name))
+        derived = translate(read(name), rel(name))
         if derived.text:
             requirements = Requirements(rel(name), derived.local, derived.text)
         env_python = derived.python_version
         # setup.py is installed only when the Pipfile refers to it (path = ".").
     elif present("requirements.txt"):
-        requirements = _read_requirements(conf / "requirements.txt", rel("requirements.txt"))
+        requirements = _read_requirements(read("requirements.txt"), rel("requirements.txt"))
         install_project = "" if config_dir else _project_file(repo)
     else:
         install_project = "" if config_dir else _project_file(repo)
     if install_project == "pyproject.toml":
-        python_requires = _requires_python(repo / "pyproject.toml")
+        python_requires = _requires_python(repo)
 
-    apt_packages = _read_apt(conf / "apt.txt", rel("apt.txt")) if present("apt.txt") else ()
+    apt_packages = _read_apt(read("apt.txt"), rel("apt.txt")) if present("apt.txt") else ()
     named = {package.name for package in apt_packages}  # apt.txt first, then environment.yml
     apt_packages += tuple(AptPackage(name) for name in env_apt if name not in named)
-    r_setup = _r_setup(repo, conf, config_dir, rel, apt_packages)
+    r_setup = _r_setup(repo, config_dir, rel, apt_packages)
     if r_setup and r_setup.snapshot and r_setup.snapshot < r_support.EARLIEST_SNAPSHOT:
         warnings.append(
             f"{rel('runtime.txt')} asks for CRAN as of {r_setup.snapshot}; dated snapshots start "
@@ -138,7 +140,7 @@ def detect(repo: Path) -> BuildPlan:
         )
 
     start = rel("start") if present("start") else ""
-    if start and 'exec "$@"' not in (repo / start).read_text(errors="replace"):
+    if start and 'exec "$@"' not in repofiles.read_bytes(repo, start).decode(errors="replace"):
         warnings.append(f'{start} does not contain exec "$@"; the container command may never run.')
 
     return BuildPlan(
@@ -156,7 +158,7 @@ def detect(repo: Path) -> BuildPlan:
 
 
 def _config_dir(repo: Path) -> str:
-    found = [name for name in BINDER_DIRS if (repo / name).is_dir()]
+    found = [name for name in BINDER_DIRS if repofiles.is_dir(repo, name)]
     if len(found) > 1:
         raise ConfigError(
             "The repository has both a 'binder' and a '.binder' folder; keep only one."
@@ -164,35 +166,24 @@ def _config_dir(repo: Path) -> str:
     return found[0] if found else ""
 
 
-def _read_text(path: Path, rel: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{rel} is not a UTF-8 text file.") from None
-
-
-def _read_apt(path: Path, rel: str) -> tuple[AptPackage, ...]:
+def _read_apt(text: str, rel: str) -> tuple[AptPackage, ...]:
     packages: list[AptPackage] = []
-    for number, raw in enumerate(_read_text(path, rel).splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.partition("#")[0].strip()
         if not line:
             continue
         match = _APT_LINE.fullmatch(line)
         if not match:
             raise ConfigError(
-                f"{rel} line {number}: {line!r} is not a Debian package name "
+                f"{rel} line {number}: {quoted(line)} is not a Debian package name "
                 "(one package per line, optionally name=version)."
             )
         packages.append(AptPackage(match["name"], match["version"] or ""))
     return tuple(packages)
 
 
-def _read_runtime(path: Path, rel: str) -> str:
-    lines = [
-        ln.strip()
-        for ln in _read_text(path, rel).splitlines()
-        if ln.strip() and not ln.startswith("#")
-    ]
+def _read_runtime(text: str, rel: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if not lines:
         return ""
     match = _RUNTIME_PYTHON.fullmatch(lines[0])
@@ -203,71 +194,74 @@ def _read_runtime(path: Path, rel: str) -> str:
     if lines[0].startswith("r-"):
         return ""  # R (see _r_setup), with the base image's Python
     raise ConfigError(
-        f"{rel}: {lines[0]!r} is not understood; write python-X.Y, for example python-3.11."
+        f"{rel}: {quoted(lines[0])} is not understood; write python-X.Y, for example python-3.11."
     )
 
 
 def _r_setup(
-    repo: Path, conf: Path, config_dir: str, rel: Callable[[str], str], apt: tuple[AptPackage, ...]
+    repo: Path, config_dir: str, rel: Callable[[str], str], apt: tuple[AptPackage, ...]
 ) -> RSetup | None:
     """R's part of the plan, or None when the repository does not use R."""
     version, snapshot = "", ""
-    if (conf / "runtime.txt").is_file():
-        text = _read_text(conf / "runtime.txt", rel("runtime.txt"))
+    if repofiles.is_file(repo, rel("runtime.txt")):
+        text = repofiles.read_text(repo, rel("runtime.txt"))
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         first = lines[0] if lines else ""
         if first.startswith("r-"):
             version, snapshot = r_support.parse_runtime(first, rel("runtime.txt"))
-    install_script = rel("install.R") if (conf / "install.R").is_file() else ""
-    description = not config_dir and (repo / "DESCRIPTION").is_file()
+    install_script = rel("install.R") if repofiles.is_file(repo, rel("install.R")) else ""
+    description = not config_dir and repofiles.is_file(repo, "DESCRIPTION")
     if not (version or snapshot or install_script or description):
         return None
     compilers = bool(install_script) and r_support.install_script_compiles(
-        _read_text(conf / "install.R", install_script)
+        repofiles.read_text(repo, install_script)
     )
     package = ""
     if description:
         package, needs = r_support.read_description(
-            _read_text(repo / "DESCRIPTION", "DESCRIPTION"), "DESCRIPTION"
+            repofiles.read_text(repo, "DESCRIPTION"), "DESCRIPTION"
         )
-        compilers = compilers or (repo / "src").is_dir() or not r_support.from_debian(needs, apt)
+        compilers = (
+            compilers or repofiles.is_dir(repo, "src") or not r_support.from_debian(needs, apt)
+        )
     return RSetup(version, snapshot, install_script, package, compilers)
 
 
-def _read_requirements(path: Path, rel: str) -> Requirements:
+def _read_requirements(text: str, rel: str) -> Requirements:
     local = False
-    for raw in _read_text(path, rel).splitlines():
+    for raw in text.splitlines():
         line = raw.split(" #", 1)[0].strip()
         if line and refers_to_repository(line):
             local = True
     return Requirements(path=rel, local=local)
 
 
-def _requires_python(pyproject: Path) -> str:
+def _requires_python(repo: Path) -> str:
     """``[project] requires-python`` of an installable pyproject.toml, checked."""
-    data = tomllib.loads(_read_text(pyproject, "pyproject.toml"))
-    spec = data.get("project", {}).get("requires-python", "")
+    data = _load_pyproject(repo)
+    project = data.get("project")
+    spec = project.get("requires-python", "") if isinstance(project, dict) else ""
     if not isinstance(spec, str):
         raise ConfigError("pyproject.toml: requires-python must be a string such as '>=3.10'.")
     try:
         SpecifierSet(spec)
     except InvalidSpecifier:
         raise ConfigError(
-            f"pyproject.toml: requires-python {spec!r} is not a version specifier."
+            f"pyproject.toml: requires-python {quoted(spec)} is not a version specifier."
         ) from None
     return spec.strip()
 
 
 def _project_file(repo: Path) -> str:
     """The root file that makes the repository an installable package, if any."""
-    if (repo / "setup.py").is_file():
+    if repofiles.is_file(repo, "setup.py"):
         return "setup.py"
-    pyproject = repo / "pyproject.toml"
-    if pyproject.is_file():
-        try:
-            data = tomllib.loads(_read_text(pyproject, "pyproject.toml"))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"pyproject.toml is not valid TOML: {err}.") from None
+    if repofiles.is_file(repo, "pyproject.toml"):
+        data = _load_pyproject(repo)
         if "project" in data and "build-system" in data:
             return "pyproject.toml"
     return ""
+
+
+def _load_pyproject(repo: Path) -> dict:
+    return repofiles.load_toml(repofiles.read_text(repo, "pyproject.toml"), "pyproject.toml")

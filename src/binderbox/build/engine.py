@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import subprocess
 import threading
 from collections import deque
@@ -128,11 +129,17 @@ class DockerEngine:
         timeout: float = 3600,
         steps: Iterable[Step] = (),
         on_line: Callable[[str], None] = lambda line: None,
+        docker_config: Path | None = None,
+        hidden: Iterable[str] = (),
     ) -> None:
         """Run one BuildKit build, streaming each log line to ``on_line``.
 
-        Raises BuildFailed with a sentence naming the failed step and the log tail.
+        ``docker_config`` replaces the CLI's configuration folder (an empty one: no
+        registry credentials of this machine reach the build); every word in ``hidden``
+        is replaced by ``…`` in the log. Raises BuildFailed with a sentence naming the
+        failed step and the log tail.
         """
+        secret_words = [word for word in hidden if word]
         command = [self.docker_cli, "build", "--progress=plain", "-f", str(dockerfile), "-t", tag]
         for key, value in (labels or {}).items():
             command += ["--label", f"{key}={value}"]
@@ -142,6 +149,8 @@ class DockerEngine:
             command.append("--no-cache")
         command.append(str(context))
         env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        if docker_config is not None:
+            env["DOCKER_CONFIG"] = str(docker_config)
         try:
             process = subprocess.Popen(
                 command,
@@ -171,6 +180,8 @@ class DockerEngine:
             assert process.stdout is not None
             for raw in process.stdout:
                 line = raw.rstrip("\n")
+                for word in secret_words:
+                    line = line.replace(word, "…")
                 log.add(line)
                 if not _DIGEST_ONLY.fullmatch(line):
                     on_line(line)
@@ -187,6 +198,53 @@ class DockerEngine:
             )
         if code != 0:
             raise log.failure(tuple(steps))
+
+    def has_jupyter_server(self, image: str, uid: int = 1000, timeout: float = 60) -> bool | None:
+        """Whether ``jupyter server`` runs in ``image`` as ``uid`` (what sessions start).
+
+        Asked first without the image's entrypoint, then through it (an entrypoint may set
+        up the PATH). None when the answer did not come in time (an entrypoint that does
+        not run its arguments): the session start will tell.
+        """
+        common = [
+            self.docker_cli,
+            "run",
+            "--rm",
+            "--network=none",
+            f"--user={uid}:{uid}",
+            "--cap-drop=ALL",
+            "--security-opt=no-new-privileges",
+            "--pids-limit=256",
+            "--memory=1g",
+        ]
+        attempts = (
+            [*common, "--entrypoint=jupyter", image, "server", "--version"],
+            [*common, image, "jupyter", "server", "--version"],
+        )
+        unknown = False
+        for command in attempts:
+            name = f"binderbox-probe-{secrets.token_hex(6)}"
+            command.insert(3, f"--name={name}")
+            try:
+                result = subprocess.run(
+                    command,
+                    capture_output=True,
+                    text=True,
+                    errors="replace",
+                    stdin=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                # The container outlives the CLI that was killed: end it.
+                subprocess.run(
+                    [self.docker_cli, "rm", "--force", name], capture_output=True, check=False
+                )
+                unknown = True
+                continue
+            if result.returncode == 0 and re.search(r"^\d+\.\d+", result.stdout.strip()):
+                return True
+        return None if unknown else False
 
     def import_tarball(self, tarball: Path, tag: str, changes: list[str]) -> None:
         """``docker import`` a root filesystem tarball as an image."""

@@ -12,7 +12,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from binderbox import __version__
-from binderbox.build import base
+from binderbox.build import base, repofiles
 from binderbox.build.detect import detect
 from binderbox.build.engine import DockerEngine
 from binderbox.build.plan import BuildPlan
@@ -98,9 +98,16 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 emit(Event("built", f"Image {image} already exists; reusing it", {"image": image}))
                 return BuildResult(image, commit, True, None, time.monotonic() - started)
 
-        repo = checkout / subdir if subdir else checkout
-        if not repo.is_dir():
+        # A --subdir must be a folder, not a link to one: only it is kept (and checked).
+        if subdir and not repofiles.real_folder(checkout, subdir):
             raise UsageError(f"--subdir '{subdir}' is not a folder in the repository.")
+        repo = checkout / subdir if subdir else checkout
+        # Before anything reads it: no links out of the folder that is built, no pipes or
+        # devices. The user's own folder keeps its links out, with a warning.
+        own_folder = bool(getattr(source, "own_folder", False))
+        where = f"--subdir '{subdir}'" if subdir else ("the folder" if own_folder else "")
+        for warning in repofiles.check_checkout(repo, own_folder=own_folder, label=where):
+            emit(Event("building", f"Warning: {warning}"))
         repo = repo.rename(context / REPO_IN_CONTEXT)
         shutil.rmtree(checkout, ignore_errors=True)
 
@@ -125,9 +132,10 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
         if plan.dockerfile:
             emit(Event("building", f"Building {image} from {plan.dockerfile} as written"))
             # Docker reads only <context>/.dockerignore; bring the one that applies there.
+            # Never through a link: the root's .dockerignore is replaced, not written to.
             ignore = ignore_file(repo, plan.config_dir)
-            if ignore and ignore != repo / ".dockerignore":
-                shutil.copyfile(ignore, repo / ".dockerignore")
+            if ignore and ignore != ".dockerignore":
+                repofiles.write_new(repo / ".dockerignore", repofiles.read_text(repo, ignore))
             try:
                 engine.build(
                     repo,
@@ -140,7 +148,8 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                     on_line=log_line,
                 )
             except BaseImageUnavailable as err:
-                names = from_images((repo / plan.dockerfile).read_text(errors="replace"))
+                dockerfile_text = repofiles.read_bytes(repo, plan.dockerfile)
+                names = from_images(dockerfile_text.decode(errors="replace"))
                 raise BaseImageUnavailable(
                     f"The build failed: the base image {' or '.join(map(repr, names))} named in "
                     f"{plan.dockerfile} could not be pulled; this machine may not reach its "
@@ -330,22 +339,23 @@ def _base_for(
     return ensure_base(suite, settings, engine, emit), False
 
 
-def ignore_file(repo: Path, config_dir: str) -> Path | None:
-    """The .dockerignore (or .containerignore) that applies: the binder dir's, if any."""
-    folder = repo / config_dir if config_dir else repo
+def ignore_file(repo: Path, config_dir: str) -> str:
+    """The .dockerignore (or .containerignore) that applies, relative to the repository:
+    the binder dir's, if any; "" for none."""
     for name in (".dockerignore", ".containerignore"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+        rel = f"{config_dir}/{name}" if config_dir else name
+        if repofiles.is_file(repo, rel):
+            return rel
+    return ""
 
 
 def ignore_patterns(repo: Path, config_dir: str) -> list[str]:
     """The repository's ignore patterns, rewritten for the ``repo/`` folder of our context."""
-    path = ignore_file(repo, config_dir)
-    if not path:
+    rel = ignore_file(repo, config_dir)
+    if not rel:
         return []
     patterns = []
-    for raw in path.read_text(errors="replace").splitlines():
+    for raw in repofiles.read_bytes(repo, rel).decode(errors="replace").splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -7,13 +7,13 @@ with ``pipenv install --dev``.
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from binderbox.errors import ConfigError
+from binderbox.build import package_index
+from binderbox.build.repofiles import load_json, load_toml
+from binderbox.errors import ConfigError, quoted
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PYTHON = re.compile(r"^(\d+)\.(\d+)")
@@ -31,15 +31,13 @@ class PipenvRequirements:
 
 def from_lock(text: str, rel: str) -> PipenvRequirements:
     """Translate a Pipfile.lock (JSON) into pinned requirement lines."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{rel} is not valid JSON: {err.msg} (line {err.lineno}).") from None
+    data = load_json(text, rel)
     if not isinstance(data, dict):
         raise ConfigError(f"{rel} is not a Pipfile.lock (expected a JSON object).")
-    meta = data.get("_meta") or {}
-    python = str(((meta.get("requires") or {}).get("python_version")) or "")
-    lines: list[str] = []
+    meta = _table(data.get("_meta"), rel, "_meta")
+    python = str(_table(meta.get("requires"), rel, "_meta.requires").get("python_version") or "")
+    # As in the Pipfile: PyPI means the configured index, other sources stay extra ones.
+    lines = [f"--extra-index-url {url}" for url in _lock_sources(meta.get("sources"), rel)]
     local = False
     for section in ("default", "develop"):
         packages = data.get(section) or {}
@@ -54,14 +52,19 @@ def from_lock(text: str, rel: str) -> PipenvRequirements:
 
 def from_pipfile(text: str, rel: str) -> PipenvRequirements:
     """Translate a Pipfile (TOML) into requirement lines, dev-packages included."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{rel} is not valid TOML: {err}.") from None
+    data = load_toml(text, rel)
     lines: list[str] = []
-    sources = [s.get("url", "") for s in data.get("source") or [] if isinstance(s, dict)]
+    listed = data.get("source") or []
+    sources = (
+        [s.get("url", "") for s in listed if isinstance(s, dict)]
+        if isinstance(listed, list)
+        else []
+    )
     for url in sources:
-        if url and "pypi.org/simple" not in url:
+        if not isinstance(url, str) or "\n" in url or "\r" in url:
+            raise ConfigError(f"{rel}: the source url {quoted(url)} is not a URL.")
+        # PyPI under any of its addresses means the configured index (index_url).
+        if url and not package_index.names_pypi(url):
             lines.append(f"--extra-index-url {url}")
     local = False
     for section in ("packages", "dev-packages"):
@@ -72,18 +75,18 @@ def from_pipfile(text: str, rel: str) -> PipenvRequirements:
             line, is_local = _line(name, spec, rel, locked=False)
             lines.append(line)
             local = local or is_local
-    requires = data.get("requires") or {}
+    requires = _table(data.get("requires"), rel, "requires")
     python = str(requires.get("python_version") or requires.get("python_full_version") or "")
     return PipenvRequirements(_joined(lines), local, _python(python, rel))
 
 
 def _line(name: str, spec: Any, rel: str, *, locked: bool) -> tuple[str, bool]:
-    if not _NAME.match(name):
-        raise ConfigError(f"{rel}: {name!r} is not a valid package name.")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{rel}: {quoted(name)} is not a valid package name.")
     if isinstance(spec, str):
         return name + ("" if spec.strip() == "*" else spec.strip()), False
     if not isinstance(spec, dict):
-        raise ConfigError(f"{rel}: the entry for {name!r} is neither a version nor a table.")
+        raise ConfigError(f"{rel}: the entry for {quoted(name)} is neither a version nor a table.")
     extras = spec.get("extras") or []
     requirement = name + (f"[{','.join(map(str, extras))}]" if extras else "")
     markers = spec.get("markers") or ""
@@ -92,7 +95,7 @@ def _line(name: str, spec: Any, rel: str, *, locked: bool) -> tuple[str, bool]:
     if "path" in spec:
         path = str(spec["path"])
         if path.startswith("-") or "\n" in path:
-            raise ConfigError(f"{rel}: the path of {name!r} is not a usable path.")
+            raise ConfigError(f"{rel}: the path of {quoted(name)} is not a usable path.")
         target = path if path.startswith((".", "/")) else f"./{path}"
         return f"{editable}{target}{suffix}", True
     if "git" in spec:
@@ -112,9 +115,31 @@ def _python(value: str, rel: str) -> str:
         return ""
     match = _PYTHON.match(value)
     if not match:
-        raise ConfigError(f"{rel}: python_version {value!r} is not understood; write X.Y.")
+        raise ConfigError(f"{rel}: python_version {quoted(value)} is not understood; write X.Y.")
     return f"{match[1]}.{match[2]}"
+
+
+def _table(value: Any, rel: str, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{rel}: '{key}' must be a table.")
+    return value
 
 
 def _joined(lines: list[str]) -> str:
     return "".join(line + "\n" for line in lines)
+
+
+def _lock_sources(listed: Any, rel: str) -> list[str]:
+    """The index URLs of a lock's ``_meta.sources`` that are not PyPI itself."""
+    if not isinstance(listed, list):
+        return []
+    urls = []
+    for source in listed:
+        url = source.get("url", "") if isinstance(source, dict) else ""
+        if not isinstance(url, str) or "\n" in url or "\r" in url:
+            raise ConfigError(f"{rel}: a source url in _meta.sources is not a URL.")
+        if url and not package_index.names_pypi(url):
+            urls.append(url)
+    return urls

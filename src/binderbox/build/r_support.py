@@ -15,7 +15,7 @@ import shlex
 
 from binderbox.build import stack
 from binderbox.build.plan import AptPackage, RSetup
-from binderbox.errors import ConfigError
+from binderbox.errors import ConfigError, quoted
 
 # A plain CRAN mirror (no date), and Posit Package Manager's dated CRAN snapshots, which
 # start on 2017-10-10.
@@ -81,15 +81,17 @@ def parse_runtime(line: str, rel: str) -> tuple[str, str]:
     match = _RUNTIME_R.fullmatch(line)
     if not match:
         raise ConfigError(
-            f"{rel}: {line!r} is not understood; write r-X.Y-YYYY-MM-DD, r-YYYY-MM-DD or r-X.Y, "
-            "for example r-4.2-2023-01-01."
+            f"{rel}: {quoted(line)} is not understood; write r-X.Y-YYYY-MM-DD, r-YYYY-MM-DD "
+            "or r-X.Y, for example r-4.2-2023-01-01."
         )
     date = match["date"] or match["date_only"] or ""
     if date:
         try:
             datetime.date.fromisoformat(date)
         except ValueError:
-            raise ConfigError(f"{rel}: {date!r} in {line!r} is not a valid date.") from None
+            raise ConfigError(
+                f"{rel}: {quoted(date)} in {quoted(line)} is not a valid date."
+            ) from None
     return match["version"] or "", date
 
 
@@ -107,15 +109,16 @@ def install_script_compiles(text: str) -> bool:
 def read_description(text: str, rel: str) -> tuple[str, tuple[str, ...]]:
     """The package name and the packages it needs (Depends, Imports, LinkingTo) from a
     DESCRIPTION file, leaving out R itself and the packages that come with it."""
-    fields: dict[str, str] = {}
+    parts: dict[str, list[str]] = {}  # lists: joining once stays linear in the file's size
     name = ""
     for raw in text.splitlines():
         if raw[:1] in (" ", "\t") and name:
-            fields[name] += " " + raw.strip()
+            parts[name].append(raw.strip())
         elif ":" in raw:
             name, _, value = raw.partition(":")
             name = name.strip()
-            fields[name] = value.strip()
+            parts[name] = [value.strip()]
+    fields = {key: " ".join(values) for key, values in parts.items()}
     package = fields.get("Package", "")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9.]*", package):
         raise ConfigError(

@@ -5,14 +5,19 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
-from binderbox.errors import SourceError, UsageError
+from binderbox.errors import RepositoryRefused, SourceError, UsageError, quoted
 from binderbox.providers.base import Fetched
 
 
 class LocalSource:
     """A local folder; its identity is a hash of its content (``.git`` excluded)."""
+
+    # The user's own folder: links out of it are kept (with a warning) rather than refused
+    # as they are for fetched repositories; nothing is read through them either way.
+    own_folder = True
 
     def __init__(self, path: Path, ref: str = "") -> None:
         if ref:
@@ -36,11 +41,12 @@ class LocalSource:
         return self._content_id
 
     def fetch(self, dest: Path) -> Fetched:
+        commit = self.resolve()  # first: it refuses pipes and devices, which a copy would read
         try:
             shutil.copytree(self.path, dest, symlinks=True)
         except (OSError, shutil.Error) as err:
             raise SourceError(f"Could not copy the folder '{self.path}': {err}") from None
-        return Fetched(path=dest, commit=self.resolve())
+        return Fetched(path=dest, commit=commit)
 
 
 def content_hash(folder: Path) -> str:
@@ -51,10 +57,17 @@ def content_hash(folder: Path) -> str:
         for name in sorted(files + [d for d in dirs if (Path(root) / d).is_symlink()]):
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
-            digest.update(rel.encode() + b"\0")
-            if path.is_symlink():
-                digest.update(b"link\0" + os.readlink(path).encode() + b"\0")
+            digest.update(os.fsencode(rel) + b"\0")
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                digest.update(b"link\0" + os.fsencode(os.readlink(path)) + b"\0")
                 continue
+            if not stat.S_ISREG(mode):
+                # Reading a pipe or a device would hang or never end.
+                raise RepositoryRefused(
+                    f"{quoted(rel)} in '{folder}' is a pipe, device or socket; binderbox builds "
+                    "folders of regular files, folders and links."
+                )
             digest.update(b"x\0" if os.access(path, os.X_OK) else b"f\0")
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):

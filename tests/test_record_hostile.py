@@ -199,6 +199,28 @@ def test_a_gzip_bomb_stops_at_the_cap_with_memory_bounded(server):  # noqa: F811
     assert peak < 12_000_000, peak
 
 
+def test_a_compressed_download_counts_what_it_inflates_to(server, tmp_path):  # noqa: F811
+    serve_dataset(server, f"{server.base}/ckan/files/data.csv")
+    server.add(
+        "/ckan/files/data.csv", Reply(200, gzip_bomb(512 << 20), {"Content-Encoding": "gzip"})
+    )
+    settings = hostile_settings(server, content_max_bytes=5_000_000)
+    source = source_for(f"{server.base}/ckan/dataset/hostile", settings=settings)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SourceError) as caught:
+            source.fetch(tmp_path / "checkout")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.message == (
+        "Could not use the CKAN dataset hostile: the dataset is larger than the limit of "
+        "5 MB (setting content_max_bytes)."
+    )
+    assert peak < 12_000_000, peak
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_json_under_the_cap_is_read_whether_compressed_or_not(server):  # noqa: F811
     serve_zenodo(server)
     path = "/zenodo/api/records/3242074"

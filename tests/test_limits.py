@@ -77,17 +77,85 @@ def test_rate_limiter_is_a_sliding_window_per_address():
     assert RateLimiter(limit=0).retry_after("a") == 0  # off
 
 
-def test_build_tokens_are_bound_to_a_spec_and_expire(tmp_path):
+def test_build_tokens_are_bound_to_a_spec_and_an_address_and_expire(tmp_path):
     from binderbox.service import buildtoken
 
     secret = buildtoken.load_secret(tmp_path)
     assert buildtoken.load_secret(tmp_path) == secret  # kept for the next start
     assert oct((tmp_path / "build-token-secret").stat().st_mode & 0o777) == "0o600"
-    token = buildtoken.issue(secret, "gh/org/repo/HEAD", now=1000)
-    assert buildtoken.valid(secret, token, "gh/org/repo/HEAD", now=1000)
-    assert not buildtoken.valid(secret, token, "gh/org/other/HEAD", now=1000)
-    assert not buildtoken.valid(secret, token, "gh/org/repo/HEAD", now=1000 + 3601)
-    assert not buildtoken.valid(b"another secret", token, "gh/org/repo/HEAD", now=1000)
+    spec, here = "gh/org/repo/HEAD", "192.0.2.7"
+    token = buildtoken.issue(secret, spec, here, now=1000)
+    assert buildtoken.valid(secret, token, spec, here, now=1000)
+    assert buildtoken.expiry(secret, token, spec, here, now=1000) == 1000 + 600
+    assert not buildtoken.valid(secret, token, "gh/org/other/HEAD", here, now=1000)
+    assert not buildtoken.valid(secret, token, spec, "192.0.2.8", now=1000)
+    assert not buildtoken.valid(secret, token, spec, here, now=1000 + 601)
+    assert not buildtoken.valid(b"another secret", token, spec, here, now=1000)
     payload, _, signature = token.partition(".")
-    assert not buildtoken.valid(secret, payload + "." + "0" * len(signature), "gh/org/repo/HEAD")
-    assert not buildtoken.valid(secret, "garbage", "gh/org/repo/HEAD")
+    assert not buildtoken.valid(secret, payload + "." + "0" * len(signature), spec, here)
+    assert not buildtoken.valid(secret, "garbage", spec, here)
+    # Two page loads get two tokens (each with its own allowance).
+    assert buildtoken.issue(secret, spec, here, now=1000) != token
+    assert buildtoken.valid(secret, buildtoken.issue(secret, spec, here, seconds=5), spec, here)
+
+
+def test_a_token_goes_past_the_rate_limit_only_a_few_times():
+    from binderbox.service.buildtoken import TokenUses
+
+    uses = TokenUses(uses=3, max_tokens=2)
+    assert [uses.take("p.a", expires=100, now=0) for _ in range(4)] == [True, True, True, False]
+    assert uses.take("p.b", expires=100, now=0)
+    # Remembering no more than max_tokens: a third token gets no pass until others expire.
+    assert not uses.take("p.c", expires=100, now=0)
+    assert uses.take("p.c", expires=300, now=150)
+
+
+def test_ipv6_clients_are_counted_per_slash_64():
+    from binderbox.service.limits import address_bucket
+
+    assert address_bucket("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert address_bucket("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert address_bucket("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert address_bucket("::ffff:192.0.2.9") == "192.0.2.9"  # an IPv4 client after all
+    assert address_bucket("192.0.2.9") == "192.0.2.9"
+    limiter = RateLimiter(limit=2, period=60)
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2::2"):
+        assert limiter.retry_after(address_bucket(host), now=0) == 0
+    # A third address of the same /64 is the same client.
+    assert limiter.retry_after(address_bucket("2001:db8:1:2::3"), now=0) > 0
+    assert limiter.retry_after(address_bucket("2001:db8:1:9::3"), now=0) == 0
+
+
+def test_forwarded_addresses_count_only_from_trusted_proxies():
+    from binderbox.service.limits import client_address, parse_trusted_proxies
+
+    trusted = parse_trusted_proxies("10.0.0.1, 10.9.0.0/16")
+    forged = {"x-forwarded-for": "203.0.113.5", "x-real-ip": "203.0.113.6"}
+    # Anyone else may write these headers: the peer is the client.
+    assert client_address("198.51.100.7", forged, trusted) == "198.51.100.7"
+    assert client_address("198.51.100.7", forged, []) == "198.51.100.7"
+    # Behind a trusted proxy, the right-most address that is not a trusted proxy.
+    chain = {"x-forwarded-for": "1.1.1.1, 203.0.113.5, 10.9.3.4"}
+    assert client_address("10.0.0.1", chain, trusted) == "203.0.113.5"
+    assert client_address("10.0.0.1", {"x-real-ip": "203.0.113.6"}, trusted) == "203.0.113.6"
+    forwarded = {"forwarded": 'for=1.1.1.1, for="[2001:db8::7]:4711";proto=https'}
+    assert client_address("10.0.0.1", forwarded, trusted) == "2001:db8::7"
+    assert client_address("10.0.0.1", {"forwarded": "for=192.0.2.3:80"}, trusted) == "192.0.2.3"
+    # Something that is no address, where the proxy writes the client: the proxy counts.
+    assert client_address("10.0.0.1", {"x-forwarded-for": "junk"}, trusted) == "10.0.0.1"
+    assert client_address("10.0.0.1", {}, trusted) == "10.0.0.1"
+    with pytest.raises(UsageError, match="trusted_proxies"):
+        parse_trusted_proxies("10.0.0.1, not-a-network")
+    with pytest.raises(UsageError, match="trusted_proxies"):
+        Settings(ca_bundle="").with_overrides(trusted_proxies="proxy.example.org")
+
+
+def test_in_flight_caps_count_per_address():
+    from binderbox.service.limits import InFlight
+
+    caps = InFlight(2)
+    assert caps.acquire("a") and caps.acquire("a") and not caps.acquire("a")
+    assert caps.acquire("b")
+    caps.release("a")
+    assert caps["a"] == 1 and caps.acquire("a")
+    assert all(InFlight(0).acquire("a") for _ in range(100))  # 0: no cap

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS build_log (
     build_id TEXT NOT NULL REFERENCES builds(id),
     seq INTEGER NOT NULL,
     line TEXT NOT NULL,
+    phase TEXT NOT NULL DEFAULT 'building',  -- the event's phase, for replaying the stream
     PRIMARY KEY (build_id, seq)
 );
 """
@@ -74,6 +75,11 @@ class BuildStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(build_log)")}
+        if "phase" not in columns:  # a state file from before phases were kept
+            self._db.execute(
+                "ALTER TABLE build_log ADD COLUMN phase TEXT NOT NULL DEFAULT 'building'"
+            )
         self._lock = threading.Lock()
         self._next_seq: dict[str, int] = {}
 
@@ -92,14 +98,27 @@ class BuildStore:
             self._next_seq[build_id] = 0
         return build_id
 
-    def append(self, build_id: str, line: str) -> None:
+    def append(self, build_id: str, line: str, phase: str = "building") -> None:
+        self.append_many(build_id, [(phase, line)])
+
+    def append_many(self, build_id: str, events: list[tuple[str, str]]) -> None:
+        """Add (phase, message) pairs to a build's log, in order, in one transaction (a
+        commit per line made a chatty build wait on the disk for every line)."""
+        if not events:
+            return
         with self._lock:
             seq = self._next_seq.get(build_id, 0)
-            self._db.execute(
-                "INSERT INTO build_log (build_id, seq, line) VALUES (?, ?, ?)",
-                (build_id, seq, line),
-            )
-            self._next_seq[build_id] = seq + 1
+            rows = [(build_id, seq + i, line, phase) for i, (phase, line) in enumerate(events)]
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO build_log (build_id, seq, line, phase) VALUES (?, ?, ?, ?)", rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._next_seq[build_id] = seq + len(rows)
 
     def finish(self, build_id: str, status: str, message: str = "") -> None:
         with self._lock:
@@ -155,3 +174,13 @@ class BuildStore:
                 "SELECT line FROM build_log WHERE build_id = ? ORDER BY seq", (build_id,)
             ).fetchall()
         return [row[0] for row in rows]
+
+    def events(self, build_id: str, start: int, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` (phase, message) pairs of a build's log from number ``start``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT phase, line FROM build_log WHERE build_id = ? AND seq >= ?"
+                " ORDER BY seq LIMIT ?",
+                (build_id, start, limit),
+            ).fetchall()
+        return [(phase, line) for phase, line in rows]

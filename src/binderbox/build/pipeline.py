@@ -40,20 +40,19 @@ class BuildRequest:
     labels: tuple[tuple[str, str], ...] = ()
     build_args: tuple[tuple[str, str], ...] = ()
 
-    def non_default_options(self, settings: Settings) -> dict[str, object]:
+    def non_default_options(self) -> dict[str, object]:
+        """The options of this request that change the image and differ from the defaults
+        (the operator's settings are added by naming.image_name_for)."""
         defaults = BuildRequest(source=self.source)
-        chosen = {
+        return {
             key: value
             for key, value in asdict(self).items()
             if key not in {"source", "image_name", "no_cache"} and value != getattr(defaults, key)
         }
-        if settings.base_image:
-            chosen["base_image"] = settings.base_image
-        if settings.cran_mirror:
-            chosen["cran_mirror"] = settings.cran_mirror
-        if settings.compile_bytecode:
-            chosen["compile_bytecode"] = True
-        return chosen
+
+    def image_for(self, settings: Settings, commit: str) -> str:
+        """The name of this request's image for ``commit`` (or content id)."""
+        return image_name_for(settings, self.source.slug(), commit, self.non_default_options())
 
 
 @dataclass(frozen=True)
@@ -74,13 +73,7 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
 
     emit(Event("fetching", f"Resolving {_describe(source)}"))
     commit = source.resolve()
-    image = request.image_name or (
-        image_name_for(
-            settings.image_prefix, source.slug(), commit, request.non_default_options(settings)
-        )
-        if commit
-        else ""
-    )
+    image = request.image_name or (request.image_for(settings, commit) if commit else "")
     if image and _reusable(engine, image, request, commit):
         emit(Event("built", f"Image {image} already exists; reusing it", {"image": image}))
         return BuildResult(image, commit, True, None, time.monotonic() - started)
@@ -92,8 +85,7 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
         fetched = source.fetch(checkout)
         commit = fetched.commit
         if not image:
-            options = request.non_default_options(settings)
-            image = image_name_for(settings.image_prefix, source.slug(), commit, options)
+            image = request.image_for(settings, commit)
             if _reusable(engine, image, request, commit):
                 emit(Event("built", f"Image {image} already exists; reusing it", {"image": image}))
                 return BuildResult(image, commit, True, None, time.monotonic() - started)
@@ -168,6 +160,7 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 with_ca_bundle=bool(settings.ca_bundle),
                 cran_mirror=settings.cran_mirror,
                 compile_bytecode=settings.compile_bytecode,
+                index_url=settings.index_url,
             )
             recipe = render(plan, options)
             support = context / SUPPORT_IN_CONTEXT
@@ -209,6 +202,7 @@ def ensure_base(suite: str, settings: Settings, engine: DockerEngine, emit: Emit
         suite,
         mirror=settings.debian_mirror,
         ca_bundle=settings.ca_bundle,
+        index_url=settings.index_url,
         on_line=lambda line: emit(Event("building", line, log=True)),
     )
 

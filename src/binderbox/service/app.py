@@ -37,15 +37,24 @@ from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.service import buildtoken, pages
+from binderbox.service.blocking import BlockingPool, SingleFlight
 from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import (
+    LOCAL_TIMEOUT,
     Launcher,
     LaunchRequest,
     RefCache,
     ServiceContext,
     launch_events,
 )
-from binderbox.service.limits import Limits, RateLimiter
+from binderbox.service.limits import (
+    InFlight,
+    Limits,
+    RateLimiter,
+    address_bucket,
+    client_address,
+    parse_trusted_proxies,
+)
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS, parse_spec
 from binderbox.store import BuildStore, LaunchRecord
@@ -112,18 +121,54 @@ def create_app(
     )
     store = BuildStore(Path(settings.state_dir).expanduser() / "binderbox.sqlite")
     store.interrupted()  # builds a previous run left unfinished can never finish now
+    # Blocking calls get bounded pools of their own (see service/blocking.py): calls to
+    # hosts users name, local ones (Docker, the store), and /health's Docker check.
+    remote = BlockingPool(
+        "binderbox-remote", settings.blocking_threads, 4 * settings.blocking_threads
+    )
+    local = BlockingPool("binderbox-local", 8, 256)
+    docker_check = SingleFlight(BlockingPool("binderbox-health", 2, 0), docker_client)
+
+    async def read_store(build_id: str, start: int, limit: int) -> list[Event]:
+        rows = await local.run(
+            store.events, build_id, start, limit, timeout=LOCAL_TIMEOUT, what="The state database"
+        )
+        return [Event(phase, line) for phase, line in rows]  # type: ignore[arg-type]
+
     ctx = ServiceContext(
         settings=settings,
-        queue=BuildQueue(settings.build_concurrency, build_finished, store),
+        queue=BuildQueue(
+            settings.build_concurrency,
+            build_finished,
+            store,
+            queue_size=settings.build_queue_size,
+            per_owner=settings.builds_per_address,
+            log_max_bytes=settings.build_log_max_bytes,
+            read_store=read_store,
+        ),
         launcher=launcher,
         metrics=metrics,
         events=LaunchEventLog(Path(events_file)),
         limits=Limits.from_settings(settings),
         refs=RefCache(settings.ref_cache_seconds),
         store=store,
+        remote=remote,
+        local=local,
+        launches=InFlight(settings.launches_per_address),
     )
     rate = RateLimiter(settings.rate_limit_per_minute)
+    # Requests with a valid launch-page token: each token a few times, each address at
+    # most this often; past either, they count against ``rate`` like any other.
+    page_rate = RateLimiter(settings.page_rate_limit_per_minute)
+    token_uses = buildtoken.TokenUses(settings.build_token_uses)
+    trusted = parse_trusted_proxies(settings.trusted_proxies)
     token_secret = buildtoken.load_secret(Path(settings.state_dir).expanduser())
+
+    def client_of(request: Request) -> tuple[str, str]:
+        """The client's address (behind trusted proxies) and its limits bucket."""
+        peer = request.client.host if request.client else ""
+        address = client_address(peer, request.headers, trusted)
+        return address, address_bucket(address)
 
     def refuse(message: str, status: int) -> Response:
         event = Event("failed", message, {"status_code": status})
@@ -143,12 +188,19 @@ def create_app(
                 {"status_code": 400},
             )
             return cors(Response(sse(event), status_code=400, media_type="text/event-stream"))
-        address = request.client.host if request.client else ""
+        address, bucket = client_of(request)
         if ctx.limits.address_banned(address):
             return refuse("Requests from your network are not accepted here.", 403)
         token = request.query_params.get("build_token", "")
-        from_page = bool(token) and buildtoken.valid(token_secret, token, f"{provider}/{spec}")
-        wait = 0.0 if from_page else rate.retry_after(address)
+        expires = (
+            buildtoken.expiry(token_secret, token, f"{provider}/{spec}", bucket) if token else 0
+        )
+        # A token lets its request past the rate limit only while it has uses left and
+        # its address has not used tokens too often this minute.
+        from_page = (
+            expires > 0 and page_rate.retry_after(bucket) == 0 and token_uses.take(token, expires)
+        )
+        wait = 0.0 if from_page else rate.retry_after(bucket)
         if wait:
             return refuse(
                 f"Too many launch requests from your address; try again in {wait:.0f} seconds.",
@@ -163,6 +215,7 @@ def create_app(
             spec=spec,
             launch_host=str(request.base_url),
             build_only=build_only,
+            client=bucket,
         )
         stream = with_keepalive(launch_events(launch, ctx), keepalive)
         return cors(
@@ -179,7 +232,8 @@ def create_app(
     async def health_checks() -> tuple[bool, list[dict]]:
         checks = []
         try:
-            await asyncio.to_thread(docker_client)
+            # Not on the pools launches use: /health answers however busy they are.
+            await docker_check.get(timeout=5, what="Docker")
             checks.append({"service": "Docker", "ok": True})
         except BinderboxError as error:
             checks.append({"service": "Docker", "ok": False, "message": error.message})
@@ -223,10 +277,17 @@ def create_app(
 
     async def build_log(request: Request) -> Response:
         build_id = request.path_params["build_id"]
-        record = await asyncio.to_thread(store.get, build_id) if build_id.isalnum() else None
+        database = {"timeout": LOCAL_TIMEOUT, "what": "The state database"}
+        try:
+            record = None
+            if build_id.isalnum():
+                record = await local.run(store.get, build_id, **database)
+            if record is not None:
+                lines = await local.run(store.log, build_id, **database)
+        except BinderboxError as error:
+            return PlainTextResponse(error.message + "\n", status_code=503)
         if record is None:
             return PlainTextResponse("There is no build with that id.\n", status_code=404)
-        lines = await asyncio.to_thread(store.log, build_id)
         head = [
             f"build {record.id}",
             f"repository: {record.repo_url} at {record.ref}",
@@ -238,7 +299,12 @@ def create_app(
 
     async def launch_page(request: Request) -> Response:
         provider, spec = raw_spec(request, "/v2/")
-        token = buildtoken.issue(token_secret, f"{provider}/{spec}")
+        token = buildtoken.issue(
+            token_secret,
+            f"{provider}/{spec}",
+            client_of(request)[1],
+            seconds=settings.build_token_seconds,
+        )
         return HTMLResponse(_launch_page(provider, spec, token))
 
     async def home_page(request: Request) -> Response:
@@ -246,7 +312,12 @@ def create_app(
 
     async def status_page(request: Request) -> Response:
         ok, checks = await health_checks()
-        launches = await asyncio.to_thread(store.recent_launches, 30)
+        try:
+            launches = await local.run(
+                store.recent_launches, 30, timeout=LOCAL_TIMEOUT, what="The state database"
+            )
+        except BinderboxError:
+            launches = []  # the page still shows everything else
         sessions: list[tuple[str, str]] | str | None = None
         if launcher is not None:
             try:

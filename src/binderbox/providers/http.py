@@ -26,7 +26,7 @@ from binderbox import __version__
 from binderbox.config import Settings
 from binderbox.errors import SourceError, UsageError
 from binderbox.providers.archive import Budget, human_size
-from binderbox.providers.hosts import ascii_host, checked_address, resolve_host
+from binderbox.providers.hosts import checked_address, resolve_host
 
 USER_AGENT = f"binderbox/{__version__} (repository-to-image builder)"
 # Connecting should be quick; a slow server may pause a while between chunks.
@@ -68,10 +68,12 @@ Pins = dict[tuple[str, int], str]
 class PinnedTransport(httpx.BaseTransport):
     """Connects each request to the one address its host was resolved (and checked) to.
 
-    A name is resolved once per transport: a record fetch that asks the same host many
-    times sees one answer, and a name that answers differently later (DNS rebinding) is
-    never asked again. Each name has its own connection pool, so a TLS connection made
-    for one name is never reused for another that shares its address.
+    A name is resolved once per ``pins`` (one record, or this transport): a record that
+    asks the same host many times sees one answer, and a name that answers differently
+    later (DNS rebinding) is never asked again. Without checks the address is still
+    pinned, which costs the one lookup the connection would make anyway. Each name has its
+    own connection pool, so a TLS connection made for one name is never reused for another
+    that shares its address.
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class PinnedTransport(httpx.BaseTransport):
         if self._check:
             address = checked_address(host, port, self._allowed).address
         else:
-            address = resolve_host(ascii_host(host).rstrip(".") or host)[0]
+            address = resolve_host(host.rstrip(".") or host)[0]
         with self._lock:
             return self._addresses.setdefault((host, port), address)
 

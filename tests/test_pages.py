@@ -129,6 +129,61 @@ def test_home_page_detects_the_provider_and_builds_the_share_snippets(plain_serv
     phone.close()
 
 
+# Addresses on git hosts other than GitHub, GitLab and Gist: each selects "Git repository".
+OTHER_GIT_ADDRESSES = [
+    "git://git.example.org/org/repo.git",
+    "https://codeberg.org/org/repo",
+    "https://git.example.org/path/to/repo.git",
+    "http://git.example.org/org/repo",
+    "https://gitlab.example.org/group/sub/project",
+]
+
+
+def paste(page, selector: str, text: str) -> None:
+    """Paste ``text`` into an empty field through the clipboard, as a person would."""
+    page.locator(selector).fill("")
+    page.evaluate("text => navigator.clipboard.writeText(text)", text)
+    page.locator(selector).focus()
+    page.keyboard.press("Control+V")
+
+
+@pytest.mark.parametrize("start", ["gh", "gl", "zenodo"])
+def test_a_pasted_address_on_another_git_host_selects_git_repository(plain_service, page, start):
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.goto(plain_service.url + "/")
+    for address in OTHER_GIT_ADDRESSES:
+        page.select_option("#provider", start)
+        paste(page, "#repo", address)
+        expect(page.locator("#provider")).to_have_value("git")
+        expect(page.locator("#repo")).to_have_value(address)
+        expect(page.locator("#repo-label")).to_have_text("Arbitrary git repository URL")
+        link = f"{plain_service.url}/v2/git/{quote(address, safe='')}/HEAD"
+        expect(page.locator("#share-url")).to_have_value(link)
+    # Half-typed GitHub addresses do not pass for another git host on the way.
+    page.select_option("#provider", "gh")
+    page.locator("#repo").fill("")
+    page.locator("#repo").press_sequentially("https://github.com/org")
+    expect(page.locator("#provider")).to_have_value("gh")
+    page.locator("#repo").press_sequentially("/repo")
+    expect(page.locator("#provider")).to_have_value("gh")
+    expect(page.locator("#repo")).to_have_value("org/repo")
+
+
+def test_a_pasted_git_address_launches(build_service, good_repo, page):
+    """The link the form makes for a git:// address is a launch the service understands."""
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.goto(build_service.url + "/")
+    expect(page.locator("#provider")).to_have_value("gh")
+    paste(page, "#repo", good_repo)
+    expect(page.locator("#provider")).to_have_value("git")
+    page.get_by_label("Git ref (branch, tag, or commit)").fill("main")
+    link = page.locator("#share-url").input_value()
+    assert link == f"{build_service.url}{launch_path(good_repo, query='')}".rstrip("?")
+    page.goto(link + "?build_only=true")
+    expect(page.locator("h1")).to_have_text(f"Launching {good_repo}")
+    expect(page.locator("#state")).to_contain_text("Built", timeout=600_000)
+
+
 def test_the_launch_page_shows_a_build_only_build(build_service, good_repo, page):
     streams: list[str] = []
     page.on("request", lambda r: streams.append(r.url) if "/build/" in r.url else None)

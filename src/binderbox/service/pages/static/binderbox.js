@@ -9,6 +9,9 @@ const $ = (id) => document.getElementById(id);
 
 const CONTENT = ["zenodo", "figshare", "hydroshare", "dataverse", "ckan"];
 
+// A whole address of a repository on any git host: a scheme git can fetch, a host, a path.
+const GIT_ADDRESS = /^(https?|git):\/\/[^\/\s]+\/\S+/i;
+
 // What a pasted address means: {provider, repo, ref} or null.
 function detect(text) {
   const value = text.trim();
@@ -25,6 +28,8 @@ function detect(text) {
   const host = url.hostname.replace(/^www\./, "");
   const parts = url.pathname.replace(/\.git$/, "").split("/").filter(Boolean);
   if (host === "doi.org" || host === "dx.doi.org") return detect(parts.join("/"));
+  // A GitHub, Gist or GitLab address still being typed (no repository yet) is no other git host.
+  if (["github.com", "gist.github.com", "gitlab.com"].includes(host) && parts.length < 2) return null;
   if (host === "github.com" && parts.length >= 2) {
     const ref = parts[2] === "tree" || parts[2] === "blob" ? parts.slice(3).join("/") : "";
     return { provider: "gh", repo: parts[0] + "/" + parts[1], ref: ref };
@@ -106,7 +111,7 @@ function initHome() {
 
   repo.addEventListener("input", () => {
     const found = detect(repo.value);
-    if (found && providers[found.provider] && (found.provider !== "git" || provider.value === "git" || /^https?:\/\/.+\/.+/.test(repo.value))) {
+    if (found && providers[found.provider] && (found.provider !== "git" || provider.value === "git" || GIT_ADDRESS.test(repo.value.trim()))) {
       provider.value = found.provider;
       repo.value = found.repo;
       if (found.ref) ref.value = found.ref;

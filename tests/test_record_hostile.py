@@ -264,7 +264,7 @@ class DnsStandIn:
         self.questions: list[tuple[str, int]] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         # A loopback address of its own, so parallel test runs do not collide.
-        for third in range(10, 250):
+        for third in range(100, 250):
             try:
                 self.sock.bind((f"127.0.{third}.53", 53))
                 break

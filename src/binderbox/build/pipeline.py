@@ -12,8 +12,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from binderbox import __version__
-from binderbox.build import base, repofiles
+from binderbox.build import base, repofiles, stack
+from binderbox.build.cache import load_cache_secret
 from binderbox.build.detect import detect
+from binderbox.build.dockerfile_check import refusal
 from binderbox.build.engine import DockerEngine
 from binderbox.build.plan import BuildPlan
 from binderbox.build.render import REPO_IN_CONTEXT, SUPPORT_IN_CONTEXT, ImageOptions, render
@@ -122,6 +124,10 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
             emit(Event("building", line, log=True))
 
         if plan.dockerfile:
+            # Service builds (check_remote_hosts) are of anonymous repositories: untrusted.
+            untrusted = settings.check_remote_hosts
+            if untrusted:
+                check_repository_dockerfile(repo, plan.dockerfile, settings, request.build_args)
             emit(Event("building", f"Building {image} from {plan.dockerfile} as written"))
             # Docker reads only <context>/.dockerignore; bring the one that applies there.
             # Never through a link: the root's .dockerignore is replaced, not written to.
@@ -138,6 +144,8 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                     no_cache=request.no_cache,
                     timeout=settings.build_timeout,
                     on_line=log_line,
+                    # No registry credentials of this machine for an untrusted Dockerfile.
+                    docker_config=_empty_folder(context / "docker-config") if untrusted else None,
                 )
             except BaseImageUnavailable as err:
                 dockerfile_text = repofiles.read_bytes(repo, plan.dockerfile)
@@ -161,6 +169,8 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 cran_mirror=settings.cran_mirror,
                 compile_bytecode=settings.compile_bytecode,
                 index_url=settings.index_url,
+                cache_secret=load_cache_secret(settings.state_dir),
+                repository_slug=source.slug(),
             )
             recipe = render(plan, options)
             support = context / SUPPORT_IN_CONTEXT
@@ -185,10 +195,57 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 timeout=settings.build_timeout,
                 steps=recipe.steps,
                 on_line=log_line,
+                hidden=recipe.hidden,
             )
+        if plan.dockerfile:
+            check_jupyter_server(engine, image, plan.dockerfile, settings, emit)
     seconds = time.monotonic() - started
     emit(Event("built", f"Built {image} in {seconds:.1f} s", {"image": image}))
     return BuildResult(image, commit, False, plan, seconds)
+
+
+def check_repository_dockerfile(
+    repo: Path, dockerfile: str, settings: Settings, build_args: tuple[tuple[str, str], ...]
+) -> None:
+    """Refuse (ConfigError, one sentence) a repository Dockerfile an untrusted build may not
+    run: see dockerfile_check and the README's "Dockerfiles on a public binderbox"."""
+    if settings.repository_dockerfiles == "refused":
+        raise ConfigError(
+            f"This binderbox does not build repositories' own Dockerfiles ({dockerfile}); "
+            "describe the environment with requirements.txt, environment.yml, apt.txt and "
+            "postBuild instead."
+        )
+    text = repofiles.read_bytes(repo, dockerfile).decode(errors="replace")
+    problem = refusal(text, dockerfile, settings.dockerfile_registries.split(","), dict(build_args))
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_jupyter_server(
+    engine: DockerEngine, image: str, dockerfile: str, settings: Settings, emit: Emit
+) -> None:
+    """A session starts ``jupyter server`` in the image: say so now if it cannot.
+
+    In service builds the image is removed and the build fails; elsewhere it is a warning.
+    """
+    found = engine.has_jupyter_server(image, stack.BASE_USER_ID)
+    if found is not False:
+        return
+    message = (
+        f"The image built from {dockerfile} has no Jupyter server: sessions run "
+        "'jupyter server' as user 1000, so the Dockerfile must install jupyter-server on "
+        "its PATH (pip install jupyterlab brings it)."
+    )
+    if not settings.check_remote_hosts:
+        emit(Event("building", f"Warning: {message}"))
+        return
+    engine.remove_image(image)
+    raise ConfigError(message)
+
+
+def _empty_folder(path: Path) -> Path:
+    path.mkdir(mode=0o700)
+    return path
 
 
 def ensure_base(suite: str, settings: Settings, engine: DockerEngine, emit: Emit) -> str:

@@ -15,6 +15,7 @@ import httpx
 
 from binderbox.errors import BinderboxError
 from binderbox.launch.options import (
+    NO_JUPYTER_SERVER,
     SessionOptions,
     check_binder_fields,
     check_image,
@@ -162,7 +163,10 @@ class HubClient:
                         continue  # blank keepalive lines
                     event = json.loads(line[5:])
                     if event.get("failed"):
-                        raise SpawnFailed(_spawn_message(event.get("message", "")))
+                        message = _spawn_message(event.get("message", ""))
+                        if message.startswith(NO_JUPYTER_SERVER):
+                            raise SpawnRejected(NO_JUPYTER_SERVER)  # the same every time
+                        raise SpawnFailed(message)
                     yield SpawnProgress(
                         message=str(event.get("message", "")),
                         progress=event.get("progress"),

@@ -26,6 +26,13 @@ BINDER_FIELDS: dict[str, str] = {
 
 # Labels on every session container: which hub owns it (see hub.hub_id_for), which user.
 LABEL_SESSION = "binderbox.session"
+
+# Said when an image cannot start a session because it has no Jupyter server; the client
+# does not retry a start that failed with it.
+NO_JUPYTER_SERVER = (
+    "The image has no Jupyter server: sessions run 'jupyter server' as user 1000, so a "
+    "Dockerfile must install jupyter-server on its PATH (pip install jupyterlab brings it)."
+)
 LABEL_HUB = "binderbox.hub"
 LABEL_USER = "binderbox.user"
 

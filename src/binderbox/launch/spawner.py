@@ -26,6 +26,7 @@ from binderbox.launch.options import (
     LABEL_HUB,
     LABEL_SESSION,
     LABEL_USER,
+    NO_JUPYTER_SERVER,
     InvalidSessionOptions,
     SessionOptions,
     parse_user_options,
@@ -186,6 +187,11 @@ class BinderSpawner(DockerSpawner):
         self._progress(20, f"Starting a container from {self.image}")
         try:
             ip, port = await super().start()
+        except docker.errors.APIError as error:
+            # dockerd cannot exec the command: the image has no `jupyter` on its PATH.
+            if "executable file not found" in str(error) or "no such file" in str(error):
+                raise _spawn_error(NO_JUPYTER_SERVER, reason="image", status=400) from None
+            raise
         except RuntimeError:
             # DockerSpawner finds no published port when the container exited at once.
             if self.container_id:
@@ -237,6 +243,9 @@ class BinderSpawner(DockerSpawner):
         state = info["State"]
         if not state["Running"]:
             tail = await self._output_tail()
+            # 127: a shell entrypoint did not find `jupyter`; or jupyter without its server.
+            if state.get("ExitCode") == 127 or "Jupyter command `jupyter-server` not found" in tail:
+                raise _spawn_error(NO_JUPYTER_SERVER, reason="image", status=400)
             raise _spawn_error(
                 f"The session stopped before Jupyter answered (exit code "
                 f"{state.get('ExitCode')}). Its last output:\n{tail}",

@@ -472,7 +472,7 @@ def test_tls_keeps_the_name_while_the_connection_is_pinned(tmp_path):
                 "allowed_hosts": "127.0.0.1",
             }
             good = fetch_with_dns(dns, tmp_path, f"{tls.base}/zenodo/records/3242074", settings)
-            served = list(tls.requests)
+            served, named = list(tls.requests), list(sni)
             (tmp_path / "elsewhere").mkdir()
             settings["zenodo_url"] = f"https://{other_name}:{tls.port}/zenodo"
             bad = fetch_with_dns(
@@ -484,7 +484,8 @@ def test_tls_keeps_the_name_while_the_connection_is_pinned(tmp_path):
     assert (tmp_path / "checkout" / "requirements.txt").read_text() == "six\n"
     assert len(served) == 3
     assert {headers["host"] for _, headers in served} == {f"{name}:{tls.port}"}
-    assert set(sni[: len(served)]) == {name}
+    assert named and set(named) == {name}
+    assert set(sni[len(named) :]) == {other_name}  # the refused one named itself too
     assert not bad["ok"]
     assert bad["error"] == (
         f"Could not fetch the Zenodo record 3242074: the TLS certificate of "

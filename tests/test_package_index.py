@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import binderbox, run_in_image
+from tests.test_service_build import build_path, building_service, phases, served_repo
 
 from binderbox.build import base, package_index, pipfile
 from binderbox.build.plan import BuildPlan, Requirements
@@ -245,7 +246,7 @@ def docker_gateway(docker_client) -> str:
 
 
 @pytest.fixture(scope="module")
-def test_index(docker_client, tmp_path_factory) -> Iterator[ServedIndex]:
+def served_index(docker_client, tmp_path_factory) -> Iterator[ServedIndex]:
     """A PEP 503 simple index of the probe wheel, listening on the docker0 gateway."""
     folder = tmp_path_factory.mktemp("index")
     wheel = probe_wheel(folder)
@@ -314,7 +315,7 @@ def probe_in(image: str) -> str:
 
 @pytest.mark.docker
 def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
-    base_image, built_images, make_repo, test_index
+    base_image, built_images, make_repo, served_index
 ):
     repo = make_repo(
         {
@@ -324,12 +325,12 @@ def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
             )
         }
     )
-    index_url = test_index.url("pipfile")
+    index_url = served_index.url("pipfile")
     result = build_with_index(repo, index_url, built_images)
     assert result.code == 0, (result.stderr, result.failure)
     assert probe_in(result.image) == "the test index"
     wheel = f"/pipfile/files/{PROBE_MODULE}-1.0-py3-none-any.whl"
-    assert test_index.downloads("pipfile") and set(test_index.downloads("pipfile")) == {wheel}
+    assert served_index.downloads("pipfile") and set(served_index.downloads("pipfile")) == {wheel}
     # Sessions' pip and uv use it too.
     shown = run_in_image(result.image, "sh", "-c", "echo $PIP_INDEX_URL $UV_DEFAULT_INDEX")
     assert shown.stdout.split() == [index_url, index_url]
@@ -337,10 +338,28 @@ def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
 
 @pytest.mark.docker
 def test_requirements_txt_installs_from_the_configured_index(
-    base_image, built_images, make_repo, test_index
+    base_image, built_images, make_repo, served_index
 ):
     repo = make_repo({"requirements.txt": f"{PROBE}==1.0\n"})
-    result = build_with_index(repo, test_index.url("requirements"), built_images)
+    result = build_with_index(repo, served_index.url("requirements"), built_images)
     assert result.code == 0, (result.stderr, result.failure)
     assert probe_in(result.image) == "the test index"
-    assert test_index.downloads("requirements")
+    assert served_index.downloads("requirements")
+
+
+@pytest.mark.docker
+def test_a_launch_through_the_service_builds_from_the_index_and_finds_its_image(
+    base_image, built_images, git_server, tmp_path, served_index
+):
+    url = served_repo(git_server, tmp_path, {"requirements.txt": f"{PROBE}\n"}, "indexed")
+    index_url = served_index.url("service")
+    # In-process service: no build firewall (that is serve's, as root) in front of the host.
+    with building_service(built_images, "index", index_url=index_url) as svc:
+        events, _ = svc.events(build_path(url, build_only="true"))
+        assert phases(events)[-2:] == ["built", "ready"], events[-1]
+        image = events[-1]["image"]
+        assert probe_in(image) == "the test index"
+        assert served_index.downloads("service")
+        again, _ = svc.events(build_path(url, build_only="true"))
+        assert phases(again) == ["fetching", "built", "ready"]
+        assert again[-1]["image"] == image

@@ -67,8 +67,11 @@ for root, dirs, files in os.walk("/var/cache/binderbox/uv"):
         if name == "six.py":
             with open(os.path.join(root, name), "a") as handle:
                 handle.write("\\nPOISONED = True\\n")
-with open("/var/cache/binderbox/uv/binderbox-poisoned", "w") as handle:
-    handle.write("x")
+try:
+    with open("/var/cache/binderbox/uv/binderbox-poisoned", "w") as handle:
+        handle.write("x")
+except OSError:
+    pass  # no cache at that place in this build
 setup(name="poison", version="1.0", py_modules=[])
 """
 

@@ -157,7 +157,7 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     uv_cache = (
         f"type=cache,id=binderbox-uv-{uid}{shared},target={stack.UV_CACHE},uid={uid},gid={uid}",
     )
-    # This repository's own cache, for whatever builds from source (setup.py, PEP 517).
+    # This repository's own cache, for installing the repository as a package.
     private_cache = (
         f"type=cache,id=binderbox-uv-{uid}-{private_key or 'repository'},"
         f"target={stack.UV_CACHE},uid={uid},gid={uid}",
@@ -254,7 +254,7 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
     if reqs and not reqs.local:
         # Only the requirements file first: editing anything else keeps this layer.
         w.add(f"COPY --chown={owner} {requirements_source} {deps}")
-        _install(w, f"installing {reqs.path}", "", f"-r {deps}", uv_cache, private_cache)
+        _install(w, f"installing {reqs.path}", "", f"-r {deps}", uv_cache)
 
     w.add(f"COPY --chown={owner} {REPO_IN_CONTEXT}/ {repo_dir}/")
     w.add(f"WORKDIR {repo_dir}")
@@ -271,7 +271,6 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
             f"cd {shlex.quote(folder)} && ",
             f"-r {beside}",
             uv_cache,
-            private_cache,
             then=f" && rm {beside}",
         )
     elif reqs and reqs.local:
@@ -284,7 +283,6 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
             "",
             f"-r {deps if reqs.derived else shlex.quote(reqs.path)}",
             uv_cache,
-            private_cache,
         )
     if plan.install_project:
         # The repository's own code builds here: never with the shared cache.
@@ -347,15 +345,15 @@ def _install(
     prefix: str,
     requirements: str,
     shared: tuple[str, ...],
-    private: tuple[str, ...],
     then: str = "",
 ) -> None:
     """Install requirements in two steps, so no repository code runs beside the shared cache.
 
     First wheels only (``--no-build``: uv runs no setup.py or build backend) with the cache
     every repository shares; when something must be built from source, that step leaves a
-    marker and the second installs everything with this repository's private cache, which
-    no other repository's build mounts. Without the marker the second step does nothing.
+    marker and the second installs everything with a cache of its own that it deletes: no
+    other build ever sees it. Without the marker the second step does nothing, and as it
+    mounts nothing, its layer is shared by every repository with the same requirements.
     """
     install = f"uv pip install --python {stack.VENV}/bin/python {requirements}"
     w.run(
@@ -365,11 +363,11 @@ def _install(
         " with this repository's own cache\"; }; }",
         mounts=shared,
     )
+    own = "/tmp/binderbox-uv-build"
     w.run(
         description,
-        f"if [ -e {NEEDS_BUILD_MARKER} ]; then rm {NEEDS_BUILD_MARKER} && {prefix}{install}"
-        f"{then}; fi",
-        mounts=private,
+        f"if [ -e {NEEDS_BUILD_MARKER} ]; then rm {NEEDS_BUILD_MARKER} && {prefix}"
+        f"{{ UV_CACHE_DIR={own} {install}{then}; code=$?; rm -rf {own}; exit $code; }}; fi",
     )
 
 

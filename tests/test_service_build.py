@@ -32,8 +32,10 @@ class Service:
     def __init__(self, **overrides):
         overrides.setdefault("state_dir", tempfile.mkdtemp(prefix="binderbox-svc-state-"))
         self.state_dir = overrides["state_dir"]
-        settings = load_settings(environ={}).with_overrides(**overrides)
         self.port = free_port()
+        # Links are built from the configured address (never from the request's Host).
+        overrides.setdefault("service_port", self.port)
+        settings = load_settings(environ={}).with_overrides(**overrides)
         config = uvicorn.Config(
             create_app(settings, keepalive=1.0),
             host="127.0.0.1",

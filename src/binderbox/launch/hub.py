@@ -226,6 +226,8 @@ class ManagedHub:
                 self.settings.session_firewall,
                 who="sessions",
                 setting="session_firewall",
+                ipv6=bool(network.get("EnableIPv6")),
+                owner=self.hub_id,
             )
             config = self.state_dir / CONFIG_FILE
             text = render_config(
@@ -412,8 +414,9 @@ _ICC = "com.docker.network.bridge.enable_icc"
 
 
 def ensure_session_network(client: docker.DockerClient, name: str) -> dict:
-    """Make sure the bridge network ``name`` exists with traffic between containers off
-    (refuse one that lets containers talk to each other); return its attributes."""
+    """Make sure the bridge network ``name`` exists with traffic between containers off and
+    no IPv6 (refuse one that lets containers talk to each other or has IPv6: the session
+    firewall's blocked networks are IPv4); return its attributes."""
     for _ in range(2):
         found = [n for n in client.networks.list(names=[name]) if n.name == name]
         if found:
@@ -426,12 +429,19 @@ def ensure_session_network(client: docker.DockerClient, name: str) -> dict:
                     f"it ('docker network rm {name}') so binderbox creates an isolated one, "
                     "or set 'session_network' to another name."
                 )
+            if attrs.get("EnableIPv6"):
+                raise BinderboxError(
+                    f"The Docker network '{name}' has IPv6 on, which the session firewall "
+                    f"does not cover; remove it ('docker network rm {name}') so binderbox "
+                    "creates one without IPv6, or set 'session_network' to another name."
+                )
             return attrs
         try:
             client.networks.create(
                 name,
                 driver="bridge",
                 options={_ICC: "false"},
+                enable_ipv6=False,
                 labels={"binderbox.role": "sessions"},
                 check_duplicate=True,
             )
@@ -444,9 +454,14 @@ def ensure_session_network(client: docker.DockerClient, name: str) -> dict:
     raise BinderboxError(f"The Docker network '{name}' for sessions cannot be found.")
 
 
+def build_bridge_network() -> dict:
+    """Docker's default bridge network (its attributes), where BuildKit runs build steps."""
+    return _docker_client().networks.get("bridge").attrs
+
+
 def build_bridge() -> str:
     """The host interface of Docker's default bridge, where BuildKit runs build steps."""
-    return bridge_name(_docker_client().networks.get("bridge").attrs)
+    return bridge_name(build_bridge_network())
 
 
 def _docker_client() -> docker.DockerClient:

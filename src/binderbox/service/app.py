@@ -10,6 +10,7 @@ import asyncio
 import html
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -36,7 +37,7 @@ from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
-from binderbox.service import buildtoken, pages
+from binderbox.service import buildtoken, pages, public
 from binderbox.service.blocking import BlockingPool, SingleFlight
 from binderbox.service.buildqueue import BuildJob, BuildQueue
 from binderbox.service.launchflow import (
@@ -56,7 +57,7 @@ from binderbox.service.limits import (
     parse_trusted_proxies,
 )
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
-from binderbox.service.specs import PROVIDERS, parse_spec
+from binderbox.service.specs import PROVIDERS, parse_spec, without_userinfo
 from binderbox.store import BuildStore, LaunchRecord
 
 KEEPALIVE_SECONDS = 25.0
@@ -213,7 +214,8 @@ def create_app(
         launch = LaunchRequest(
             provider=provider,
             spec=spec,
-            launch_host=str(request.base_url),
+            # Links and binder_launch_host come from settings, never from the Host header.
+            launch_host=public.base_url(settings),
             build_only=build_only,
             client=bucket,
         )
@@ -403,7 +405,7 @@ def _home_page() -> str:
 
 def _launch_page(provider: str, spec: str, build_token: str) -> str:
     """The launch page: phases, live log, the error or the redirect (pages/launch.html)."""
-    name = unquote(f"{provider}/{spec}")
+    name = unquote(f"{provider}/{without_userinfo(spec)}")
     try:
         parsed = parse_spec(provider, spec)
         heading, detail = parsed.repo_url, f"at {parsed.ref}"
@@ -452,13 +454,19 @@ def _builds_table(jobs: list[BuildJob]) -> str:
     return _table(["Repository", "State", "Time", "Log"], rows, "builds")
 
 
+_LOG_LINK = re.compile(r"(?:https?://[^\s/]+)?/logs/([A-Za-z0-9]+)")
+
+
 def _reason_html(message: str) -> str:
-    """A failure's reason, its "The whole log: <url>" turned into a link."""
-    reason, _, log_url = message.partition(" The whole log: ")
-    text = html.escape(reason)
-    if log_url.startswith(("http://", "https://")):
-        text += f' <a href="{html.escape(log_url)}">The whole log</a>'
-    return text
+    """A failure's reason, its closing "The whole log: <url>" turned into a link to this
+    service's own log page. Nothing else becomes a link: the rest may be text a build
+    printed, and the address in it may be older than ``public_url``, so the link is
+    relative."""
+    reason, sep, log_url = message.rpartition(" The whole log: ")
+    found = _LOG_LINK.fullmatch(log_url) if sep else None
+    if not found:
+        return html.escape(message)
+    return f'{html.escape(reason)} <a href="/logs/{found[1]}">The whole log</a>'
 
 
 def _table(headers: list[str], rows: str, table_id: str = "") -> str:

@@ -12,13 +12,15 @@ import uvicorn
 
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
-from binderbox.launch.firewall import FirewallError, FirewallStatus, guard
+from binderbox.launch.firewall import FirewallError, FirewallStatus, bridge_name, guard
+from binderbox.launch.firewall import blocker as firewall_blocker
 from binderbox.launch.firewall import remove as remove_guard
-from binderbox.launch.hub import ManagedHub, build_bridge
+from binderbox.launch.hub import ManagedHub, build_bridge_network
 from binderbox.launch.proxy import ensure_proxy
 from binderbox.launch.session import HubLauncher
 from binderbox.service.app import create_app
 from binderbox.service.buildlimits import BuildLimitStatus, apply_build_limits, lift_build_limits
+from binderbox.service.public import base_url, public_hosts
 
 
 class PortInUse(BinderboxError):
@@ -37,8 +39,32 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+_FIREWALLS = ("session_firewall", "build_firewall")
+
+
+def firewalls_for(settings: Settings) -> Settings:
+    """The settings with the firewalls' modes this deployment needs: when other machines
+    can reach binderbox, "auto" means "required", and a serve that cannot set the rules
+    refuses to start (FirewallError) before it starts anything."""
+    public = public_hosts(settings)
+    wanted = [name for name in _FIREWALLS if getattr(settings, name) != "off"]
+    if not public or not wanted:
+        return settings
+    reason = firewall_blocker()
+    if reason:
+        offs = " and ".join(f"{name} = off" for name in wanted)
+        raise FirewallError(
+            f"binderbox is reachable from other machines (at {public[0]}), so it refuses to "
+            f"start without its firewalls, and {reason}: run binderbox serve as root, or set "
+            f"{offs} only if something else keeps sessions and builds from this machine "
+            "and private networks."
+        )
+    return settings.with_overrides(**{name: "required" for name in wanted})
+
+
 def serve(settings: Settings, say: Callable[[str], None]) -> None:
     """Run everything until Ctrl-C (or SIGTERM), then stop the hub and its sessions."""
+    settings = firewalls_for(settings)
     check_port_free(settings.service_host, settings.service_port)
     proxy = ensure_proxy(settings)  # installs configurable-http-proxy with npm once
     if not settings.proxy_command:
@@ -54,13 +80,16 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     # shut down; without one of ours, SIGTERM would end the process before the cleanup.
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        bridge = build_bridge()
+        network = build_bridge_network()
+        bridge = bridge_name(network)
         builds = guard(
             bridge,
             settings.session_blocked_networks,
             settings.build_firewall,
             who="builds",
             setting="build_firewall",
+            ipv6=bool(network.get("EnableIPv6")),
+            owner=hub.hub_id,
         )
         say(builds.message)
         limits = apply_build_limits(settings.build_memory_limit, settings.build_pids_limit)
@@ -69,7 +98,13 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
         notes = [hub.firewall.message, builds.message, limits.message]
         app = create_app(settings, launcher, notes=notes)
         base = f"http://{settings.service_host}:{settings.service_port}"
-        say(f"binderbox is serving at {base}/ (sessions at {hub.sessions_url}); Ctrl-C stops it")
+        if ":" in settings.service_host:
+            base = f"http://[{settings.service_host}]:{settings.service_port}"
+        links = base_url(settings)
+        say(
+            f"binderbox is serving at {base}/ (links point at {links}, sessions at "
+            f"{hub.sessions_url}); Ctrl-C stops it"
+        )
         server = _Server(
             uvicorn.Config(
                 app,
@@ -98,7 +133,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             # Builds run only while binderbox serves; sessions keep their rules (they
             # may outlive this process).
             with contextlib.suppress(FirewallError, OSError, subprocess.SubprocessError):
-                remove_guard(bridge)
+                remove_guard(bridge, owner=hub.hub_id)
         hub.stop(keep_sessions=keep)
 
 

@@ -48,6 +48,48 @@ class GitProvider:
         raise NotImplementedError
 
 
+# "scheme://user[:password]@" and scp-like "user@host:" addresses: user-info that must
+# never be stored, logged or shown (it is often a password or an access token).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]*@|^[^/:@\s]+@(?=[^/:\s]+:)")
+
+
+def _fully_unquoted(text: str) -> str:
+    # Specs are URL-escaped once (git, gl) and people escape twice by mistake; an
+    # address hidden under more layers still counts.
+    for _ in range(5):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def has_userinfo(spec: str) -> bool:
+    """Whether ``spec`` (as sent, escaped or not) holds a repository address with a user
+    name or password in it."""
+    return bool(_USERINFO.search(_fully_unquoted(spec)))
+
+
+def without_userinfo(spec: str) -> str:
+    """``spec`` with any user-info removed, escaped like a spec (for records and pages)."""
+    if not has_userinfo(spec):
+        return spec
+    return quote(_USERINFO.sub(r"\1", _fully_unquoted(spec)), safe="/:")
+
+
+USERINFO_REFUSED = (
+    "Repository addresses with a user name or password in them (user:password@host) are "
+    "not accepted: binderbox launches public repositories only, and the address would be "
+    "shown to everyone."
+)
+
+
+def check_no_userinfo(spec: str) -> None:
+    """Refuse a spec whose repository address carries a user name or password."""
+    if has_userinfo(spec):
+        raise SpecError(USERINFO_REFUSED)
+
+
 _SEGMENT = r"[A-Za-z0-9_.-]+"
 _REF = re.compile(r"^[^\x00-\x20~^:?*\[\\]+$")
 
@@ -161,4 +203,5 @@ def parse_spec(provider: str, spec: str) -> RepoSpec:
     except KeyError:
         known = ", ".join(PROVIDERS)
         raise SpecError(f"Unknown provider '{provider}'; known providers: {known}.") from None
+    check_no_userinfo(spec)
     return chosen.parse(spec.strip("/"))

@@ -255,9 +255,11 @@ function initLaunch() {
   function failed(data) {
     const message = data.message || "The launch failed.";
     let reason = message.split("\n\nThe last lines of the build log:")[0];
-    let logUrl = data.log_url || "";
+    // Only the service's own log_url becomes a link, never an address in the message
+    // (which may be text a build printed).
+    const logUrl = data.log_url || "";
     const whole = reason.match(/\s*The whole log: (\S+)\s*$/);
-    if (whole) { logUrl = logUrl || whole[1]; reason = reason.slice(0, whole.index); }
+    if (whole && logUrl && whole[1] === logUrl) reason = reason.slice(0, whole.index);
     $("reason").textContent = reason;
     if (logUrl && /^https?:\/\//.test(logUrl)) { $("full-log").href = logUrl; $("full-log").hidden = false; }
     if (data.log_tail && !log.textContent.trim()) addLog(data.log_tail);

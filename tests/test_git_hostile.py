@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import docker
 import pytest
 
 from binderbox.errors import SourceError
@@ -283,6 +284,36 @@ def test_submodule_urls_of_other_kinds_are_refused_with_their_name(served, tmp_p
         dest = tmp_path / f"checkout-{policy.checks_hosts}"
         message = fetch_refused(GitSource(allowed.url("top.git"), policy=policy), dest)
         assert "submodule 'odd'" in message and words in message, message
+
+
+@pytest.mark.docker
+def test_the_service_refuses_a_private_submodule_in_one_event(
+    served, tmp_path, base_image, built_images
+):
+    """Through ``binderbox serve``'s /build stream: one failed event naming the
+    submodule, nothing asked of the private host, no image built."""
+    from tests.test_service_build import build_path, building_service
+
+    allowed, private = served
+    sub = tmp_path / "sub"
+    sub_commit = repo(sub, {"secret.txt": "internal data\n"})
+    publish(allowed.root, sub, "sub.git")
+    work = tmp_path / "work"
+    repo(work, {"requirements.txt": "\n"})
+    with_submodule(work, "inner", private.url("sub.git"), sub_commit)
+    publish(allowed.root, work, "top.git")
+
+    with building_service(built_images, "hostile-sub") as svc:
+        events, _ = svc.events(build_path(allowed.url("top.git"), build_only="true"))
+    failed = events[-1]
+    assert failed["phase"] == "failed", events
+    message = failed["message"]
+    assert "submodule 'inner'" in message and "local or private network" in message, message
+    assert "\n" not in message and "Traceback" not in message, message
+    assert not [e for e in events if e["phase"] in {"building", "built"}], events
+    assert private.log == []
+    tags = [tag for image in docker.from_env().images.list() for tag in image.tags]
+    assert not [tag for tag in tags if tag.startswith("binderbox-hostile-sub-")], tags
 
 
 # --- redirects -------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def test_public_hosts_are_allowed(url):
         ("../other", "a local path"),
         ("ext::sh -c touch% /tmp/x", "transport"),
         ("ssh://git@example.org/r", "'ssh://'"),
+        ("git@example.org:org/r.git", "an ssh address"),
         ("-uhttps://example.org", "characters"),
         ("https:///nohost", "no host"),
     ],

@@ -218,6 +218,8 @@ def check_url_form(url: str) -> None:
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         shown = f"'{scheme}://'" if scheme else "a local path"
+        if not scheme and re.match(r"^[\w.-]+@[\w.-]+:", url):
+            shown = "an ssh address"
         raise SourceError(
             f"'{url}' is {shown}; only {', '.join(s + '://' for s in ALLOWED_SCHEMES)} "
             "repository URLs can be launched."

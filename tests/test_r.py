@@ -217,7 +217,8 @@ def test_r_layers_sit_between_the_server_stack_and_apt_txt():
     configure = index(lines, "Rprofile.site")
     kernel = index(lines, "IRkernel::installspec")
     apt_txt = index(lines, "install -y --no-install-recommends r-cran-jsonlite")
-    requirements = index(lines, "-r /tmp/binderbox-deps/requirements.txt")
+    # The wheels-only install with the shared cache (a from-source retry follows it).
+    requirements = index(lines, "-r /tmp/binderbox-deps/requirements.txt --no-build")
     copy = index(lines, "COPY --chown=1000:1000 repo/ ")
     install_r = index(lines, "r-run.R install.R install.R")
     description = index(lines, "r-run.R DESCRIPTION")

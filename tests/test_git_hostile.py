@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -350,6 +351,66 @@ def test_a_redirect_to_a_checked_host_is_followed_and_pinned(served, tmp_path):
     assert (fetched.path / "file").read_text() == "renamed\n"
     # Only the first request met the redirect; git itself went to the new name.
     assert len([line for line in allowed.log if "old-name" in line]) == 1
+    assert private.log == []
+
+
+SELF_SIGNED = (
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-addext",
+    "subjectAltName=DNS:localhost",
+)
+
+
+@pytest.fixture
+def tls_served(served, tmp_path):
+    """The allowed server again over TLS, with a certificate for 'localhost' that only
+    the ca_bundle setting makes trusted."""
+    allowed, private = served
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [*SELF_SIGNED, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    secure = GitHttp("127.0.0.1", allowed.root)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    secure.httpd.socket = context.wrap_socket(secure.httpd.socket, server_side=True)
+    try:
+        yield secure, private, str(cert)
+    finally:
+        secure.close()
+
+
+def test_https_is_pinned_and_its_certificate_checked_for_the_name(tls_served, tmp_path):
+    secure, private, ca_bundle = tls_served
+    work = tmp_path / "work"
+    commit = repo(work, {"file": "over TLS\n"})
+    publish(secure.root, work, "tls.git")
+    url = f"https://localhost:{secure.port}/tls.git"
+
+    # Connected to 127.0.0.1, the certificate checked for 'localhost': trusted only
+    # through the extra CA bundle, for the redirect check and for git alike.
+    untrusted = GitSource(url, policy=service_policy())
+    with pytest.raises(SourceError, match="TLS certificate is not trusted"):
+        untrusted.resolve()
+    source = GitSource(url, policy=service_policy(ca_bundle=ca_bundle))
+    assert source.resolve() == commit
+    assert (source.fetch(tmp_path / "checkout").path / "file").read_text() == "over TLS\n"
+
+    secure.redirects["/moved.git"] = private.url("tls.git")
+    moved = GitSource(f"https://localhost:{secure.port}/moved.git", policy=source.policy)
+    with pytest.raises(SourceError, match=r"redirects to .* local or private network"):
+        moved.resolve()
     assert private.log == []
 
 

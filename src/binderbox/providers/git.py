@@ -538,6 +538,8 @@ def _git(
     command += args
     with tempfile.TemporaryDirectory(prefix="binderbox-git-home-") as home:
         env = _environment(home, policy)
+        if policy.ca_bundle:
+            command[1:1] = ["-c", f"http.sslCAInfo={_ca_file(home, policy.ca_bundle)}"]
         try:
             process = subprocess.Popen(
                 command,
@@ -592,6 +594,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         pass
     process.communicate()
+
+
+def _ca_file(home: str, ca_bundle: str) -> str:
+    """The system's CAs plus the extra bundle, in one file (git takes one or the other)."""
+    combined = os.path.join(home, "ca-certificates.pem")
+    system = ssl.get_default_verify_paths().cafile
+    with open(combined, "wb") as out:
+        for name in (system, ca_bundle):
+            if name and os.path.isfile(name):
+                with open(name, "rb") as part:
+                    out.write(part.read() + b"\n")
+    return combined
 
 
 def _environment(home: str, policy: GitPolicy) -> dict[str, str]:

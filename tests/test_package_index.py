@@ -10,19 +10,21 @@ import http.server
 import ipaddress
 import json
 import threading
+import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 from tests.conftest import binderbox, run_in_image
 from tests.test_service_build import build_path, building_service, phases, served_repo
 
 from binderbox.build import base, package_index, pipfile
 from binderbox.build.plan import BuildPlan, Requirements
 from binderbox.build.render import ImageOptions, render
-from binderbox.config import load_settings
+from binderbox.config import HOST_CA_BUNDLE, load_settings
 from binderbox.errors import UsageError
 
 MIRROR = "https://pypi.example.org/mirror/simple"
@@ -228,14 +230,20 @@ class ServedIndex:
 
     root: str
     requests: list[str] = field(default_factory=list)
+    # New for every run: BuildKit's layer cache never holds a step of an earlier run.
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def url(self, name: str) -> str:
-        return f"{self.root}/{name}/simple"
+        return f"{self.root}/{name}-{self.run}/simple"
+
+    def asked(self, name: str) -> set[str]:
+        """The paths asked for (GET) through ``name``'s address, without that prefix."""
+        prefix = f"GET /{name}-{self.run}/"
+        return {"/" + r[len(prefix) :] for r in self.requests if r.startswith(prefix)}
 
     def downloads(self, name: str) -> list[str]:
-        """The wheels fetched (GET) through ``name``'s address."""
-        prefix = f"GET /{name}/"
-        return [r[4:] for r in self.requests if r.startswith(prefix) and r.endswith(".whl")]
+        """The wheels fetched through ``name``'s address."""
+        return [path for path in self.asked(name) if path.endswith(".whl")]
 
 
 def docker_gateway(docker_client) -> str:
@@ -273,6 +281,13 @@ def served_index(docker_client, tmp_path_factory) -> Iterator[ServedIndex]:
                 body, kind = project_page, "text/html"
             elif path == f"files/{wheel.name}":
                 body, kind = data, "application/octet-stream"
+            elif path.startswith("simple/") and path.count("/") == 2:
+                # Any other project: PyPI's own page, as a mirror would serve it (its links
+                # point at files.pythonhosted.org, which builds reach themselves).
+                body, kind = pypi_page(path.split("/")[1]), "text/html"
+                if body is None:
+                    self.send_error(404)
+                    return
             else:
                 self.send_error(404)
                 return
@@ -297,9 +312,42 @@ def served_index(docker_client, tmp_path_factory) -> Iterator[ServedIndex]:
         server.server_close()
 
 
-def build_with_index(repo: Path, index_url: str, built_images: set[str]):
+def pypi_page(project: str) -> bytes | None:
+    """PyPI's simple page of ``project`` (HTML), or None when PyPI does not know it."""
+    answer = requests.get(
+        f"https://pypi.org/simple/{project}/",
+        headers={"Accept": "text/html"},
+        timeout=60,
+        verify=str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.exists() else True,
+    )
+    return answer.content if answer.status_code == 200 else None
+
+
+def reachable_from_containers(url: str, image: str) -> bool:
+    """Whether a container on Docker's default bridge (where build steps run) reaches
+    ``url``: not while a root ``binderbox serve`` elsewhere holds its build firewall up."""
+    probe = f"import urllib.request as u; u.urlopen({url + '/' + PROBE + '/'!r}, timeout=5)"
+    return run_in_image(image, "python3", "-c", probe, timeout=60).returncode == 0
+
+
+@pytest.fixture
+def index_for(served_index, base_image):
+    """``name`` → the test index's address for one build, once build steps can reach it."""
+
+    def url(name: str) -> str:
+        address = served_index.url(name)
+        if not reachable_from_containers(address, base_image):
+            pytest.skip("a binderbox serve running as root keeps build steps from this host now")
+        return address
+
+    return url
+
+
+def build_with_index(repo: Path, index_url: str, built_images: set[str], *flags: str):
     # The CLI: no serve, so no build firewall between build steps and the host.
-    result = binderbox("build", "--json-logs", str(repo), env={"BINDERBOX_INDEX_URL": index_url})
+    result = binderbox(
+        "build", "--json-logs", *flags, str(repo), env={"BINDERBOX_INDEX_URL": index_url}
+    )
     if result.image:
         built_images.add(result.image)
     return result
@@ -315,7 +363,7 @@ def probe_in(image: str) -> str:
 
 @pytest.mark.docker
 def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
-    base_image, built_images, make_repo, served_index
+    base_image, built_images, make_repo, served_index, index_for
 ):
     repo = make_repo(
         {
@@ -325,11 +373,11 @@ def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
             )
         }
     )
-    index_url = served_index.url("pipfile")
+    index_url = index_for("pipfile")
     result = build_with_index(repo, index_url, built_images)
     assert result.code == 0, (result.stderr, result.failure)
     assert probe_in(result.image) == "the test index"
-    wheel = f"/pipfile/files/{PROBE_MODULE}-1.0-py3-none-any.whl"
+    wheel = f"/files/{PROBE_MODULE}-1.0-py3-none-any.whl"
     assert served_index.downloads("pipfile") and set(served_index.downloads("pipfile")) == {wheel}
     # Sessions' pip and uv use it too.
     shown = run_in_image(result.image, "sh", "-c", "echo $PIP_INDEX_URL $UV_DEFAULT_INDEX")
@@ -338,21 +386,54 @@ def test_a_pipfile_naming_old_pypi_installs_from_the_configured_index(
 
 @pytest.mark.docker
 def test_requirements_txt_installs_from_the_configured_index(
-    base_image, built_images, make_repo, served_index
+    base_image, built_images, make_repo, served_index, index_for
 ):
     repo = make_repo({"requirements.txt": f"{PROBE}==1.0\n"})
-    result = build_with_index(repo, served_index.url("requirements"), built_images)
+    result = build_with_index(repo, index_for("requirements"), built_images)
     assert result.code == 0, (result.stderr, result.failure)
     assert probe_in(result.image) == "the test index"
     assert served_index.downloads("requirements")
 
 
+@pytest.fixture
+def bare_base(docker_client, base_image, built_images) -> str:
+    """binderbox's base without uv and the server stack: an image like any other, for which
+    the build must install both."""
+    container = docker_client.containers.run(
+        base_image, ["rm", "-rf", "/opt/binderbox-uv", "/srv/venv", "/usr/local/bin/uv"],
+        detach=True,
+    )  # fmt: skip
+    try:
+        assert container.wait(timeout=60)["StatusCode"] == 0
+        name = f"binderbox-test-bare-base:{uuid.uuid4().hex[:8]}"
+        container.commit(*name.split(":"))
+    finally:
+        container.remove(force=True)
+    built_images.add(name)
+    return name
+
+
+@pytest.mark.docker
+def test_another_base_gets_uv_and_the_server_stack_from_the_index(
+    built_images, make_repo, served_index, index_for, bare_base
+):
+    repo = make_repo({"requirements.txt": f"{PROBE}\n"})
+    flags = ("--base-image", bare_base)
+    result = build_with_index(repo, index_for("foreign"), built_images, *flags)
+    assert result.code == 0, (result.stderr, result.failure)
+    assert probe_in(result.image) == "the test index"
+    asked = served_index.asked("foreign")
+    assert "/simple/uv/" in asked  # pip, installing uv
+    assert "/simple/jupyter-server/" in asked  # uv, installing the server stack
+    assert served_index.downloads("foreign")
+
+
 @pytest.mark.docker
 def test_a_launch_through_the_service_builds_from_the_index_and_finds_its_image(
-    base_image, built_images, git_server, tmp_path, served_index
+    base_image, built_images, git_server, tmp_path, served_index, index_for
 ):
     url = served_repo(git_server, tmp_path, {"requirements.txt": f"{PROBE}\n"}, "indexed")
-    index_url = served_index.url("service")
+    index_url = index_for("service")
     # In-process service: no build firewall (that is serve's, as root) in front of the host.
     with building_service(built_images, "index", index_url=index_url) as svc:
         events, _ = svc.events(build_path(url, build_only="true"))
@@ -363,3 +444,12 @@ def test_a_launch_through_the_service_builds_from_the_index_and_finds_its_image(
         again, _ = svc.events(build_path(url, build_only="true"))
         assert phases(again) == ["fetching", "built", "ready"]
         assert again[-1]["image"] == image
+
+
+def test_a_plain_http_mirror_is_trusted_by_pip():
+    devpi = "http://devpi.example.org:3141/root/pypi/+simple/"
+    env = [line for line in dockerfile(index_url=devpi) if line.startswith("ENV UV_DEFAULT")]
+    assert env == [
+        f"ENV UV_DEFAULT_INDEX={devpi} PIP_INDEX_URL={devpi}"
+        " PIP_TRUSTED_HOST=devpi.example.org:3141"
+    ]

@@ -66,4 +66,9 @@ def environment(index_url: str) -> str:
     if is_default(index_url):
         return ""
     # UV_DEFAULT_INDEX is uv's name (UV_INDEX_URL is deprecated); pip reads PIP_INDEX_URL.
-    return f"UV_DEFAULT_INDEX={index_url} PIP_INDEX_URL={index_url}"
+    pairs = f"UV_DEFAULT_INDEX={index_url} PIP_INDEX_URL={index_url}"
+    parts = urlsplit(index_url)
+    if parts.scheme == "http":
+        # pip refuses a plain-http index unless its host is trusted; the operator chose it.
+        pairs += f" PIP_TRUSTED_HOST={parts.netloc}"
+    return pairs

@@ -189,3 +189,24 @@ def test_a_build_printing_hundreds_of_megabytes_keeps_a_capped_log(tmp_path):
     assert sum(len(m) + 1 for m in messages) < 1_100_000
     assert stored == messages  # /logs/<id> shows the same, the note included
     assert grew_kib < 50_000, f"memory grew by {grew_kib} KiB"
+
+
+def test_what_a_quiet_build_said_reaches_the_store_while_it_runs(tmp_path):
+    async def scenario() -> list[str]:
+        store = BuildStore(tmp_path / "state.sqlite")
+        queue = BuildQueue(limit=1, store=store)
+        go = threading.Event()
+
+        def quiet(emit):
+            for n in range(3):
+                emit(Event("building", f"line {n}", log=True))
+            go.wait(20)  # says nothing more for a while, as a long step does
+
+        job, _ = queue.submit("img", quiet)
+        await wait_for(lambda: len(store.log(job.build_id)) == 3, "the live log", timeout=5)
+        live = store.log(job.build_id)
+        go.set()
+        await wait_for(lambda: job.done, "the build finishing")
+        return live
+
+    assert asyncio.run(scenario()) == ["line 0", "line 1", "line 2"]

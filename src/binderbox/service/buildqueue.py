@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -90,7 +92,8 @@ class BuildJob:
 class _CappedLog:
     """A build's events on their way to the store and the event loop, the log capped.
 
-    Used from the build's own thread only.
+    ``emit`` runs on the build's own thread; ``flush`` there and on the queue's flusher
+    (so the live log at /logs/<id> is never more than a moment behind a quiet build).
     """
 
     def __init__(
@@ -100,6 +103,9 @@ class _CappedLog:
         self.used = 0
         self.cut = False
         self.pending: list[tuple[str, str]] = []
+        # Held while a batch is taken and written, so batches reach the store in order.
+        self._lock = threading.Lock()
+        self._flushed = time.monotonic()
 
     def emit(self, event: Event) -> None:
         if self.max_bytes > 0:
@@ -113,15 +119,19 @@ class _CappedLog:
                     self.cut = True
                     event = Event("building", truncation_note(self.max_bytes))
         if self.store and self.job.build_id:
-            self.pending.append((event.phase, event.message))
-            if len(self.pending) >= WRITE_BATCH:
+            with self._lock:
+                self.pending.append((event.phase, event.message))
+                due = len(self.pending) >= WRITE_BATCH or time.monotonic() - self._flushed > 0.5
+            if due:
                 self.flush()
         self.deliver(event)
 
     def flush(self) -> None:
-        if self.pending and self.store:
-            pending, self.pending = self.pending, []
-            self.store.append_many(self.job.build_id, pending)
+        with self._lock:
+            self._flushed = time.monotonic()
+            if self.pending and self.store:
+                pending, self.pending = self.pending, []
+                self.store.append_many(self.job.build_id, pending)
 
 
 def truncation_note(max_bytes: int) -> str:
@@ -175,6 +185,8 @@ class BuildQueue:
         self._threads = concurrent.futures.ThreadPoolExecutor(
             limit, thread_name_prefix="binderbox-build"
         )
+        # Writes what a quiet build said, while its own thread waits for more output.
+        self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="binderbox-log")
         self._jobs: dict[str, BuildJob] = {}
         self._waiting: list[BuildJob] = []
         self.running = 0
@@ -255,6 +267,7 @@ class BuildQueue:
                 finally:
                     log.flush()
 
+            flushing = loop.create_task(self._flush_now_and_then(log))
             try:
                 job.result = await loop.run_in_executor(self._threads, run)
             except BinderboxError as error:
@@ -264,6 +277,7 @@ class BuildQueue:
                     f"The build failed unexpectedly: {type(error).__name__}: {error}"
                 )
             finally:
+                flushing.cancel()
                 self.running -= 1
                 # Let events already scheduled by the build's thread land first.
                 await asyncio.sleep(0)
@@ -287,6 +301,14 @@ class BuildQueue:
                 job.done = True
                 job.notify()
                 self.on_finish(job, time.monotonic() - began)
+
+    async def _flush_now_and_then(self, log: _CappedLog) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1)
+            if log.pending:
+                with contextlib.suppress(Exception):  # the build's own flush still comes
+                    await loop.run_in_executor(self._flusher, log.flush)
 
     def _announce_positions(self) -> None:
         """Tell each build that has to wait for a slot where it stands (when that
@@ -314,6 +336,7 @@ class BuildQueue:
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._flusher.shutdown(wait=False, cancel_futures=True)
 
 
 async def follow(job: BuildJob, read: StoreReader | None = None) -> AsyncIterator[Event]:

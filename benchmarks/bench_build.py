@@ -47,7 +47,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from binderbox.build import stack  # noqa: E402  (after the path set-up above)
+from binderbox.builder import stack  # noqa: E402  (after the path set-up above)
 
 # The stack under test, pinned to the newest releases that still ship wheels for
 # Python 3.11 (the Python of the bookworm base) as of 2026-11-25: numpy 2.5 and scipy

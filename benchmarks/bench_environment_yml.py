@@ -44,7 +44,7 @@ from bench_build import (
     run_cli,
 )
 
-from binderbox.build import conda
+from binderbox.builder import conda
 
 # Pinned to releases with wheels for Python 3.11 (the bookworm base) as of 2026-11-25;
 # numpy, pandas and matplotlib as in bench_build.py.

@@ -9,9 +9,9 @@ import docker
 import pytest
 from tests.test_service_build import build_path, building_service, phases, served_repo
 
-from binderbox.build.cache import cache_key, load_cache_secret
-from binderbox.build.plan import AptPackage, BuildPlan, Requirements
-from binderbox.build.render import ImageOptions, render
+from binderbox.builder.cache import cache_key, load_cache_secret
+from binderbox.builder.plan import AptPackage, BuildPlan, Requirements
+from binderbox.builder.render import ImageOptions, render
 
 SECRET = "ab" * 32
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from binderbox.build import conda
-from binderbox.build.detect import detect
-from binderbox.build.plan import AptPackage, Requirements
-from binderbox.build.render import DERIVED_REQUIREMENTS, ImageOptions, render
+from binderbox.builder import conda
+from binderbox.builder.detect import detect
+from binderbox.builder.plan import AptPackage, Requirements
+from binderbox.builder.render import DERIVED_REQUIREMENTS, ImageOptions, render
 from binderbox.errors import ConfigError
 
 ENV = "environment.yml"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from binderbox.build.detect import detect
-from binderbox.build.plan import AptPackage, BuildPlan, Requirements
+from binderbox.builder.detect import detect
+from binderbox.builder.plan import AptPackage, BuildPlan, Requirements
 from binderbox.errors import ConfigError
 
 BINDER_DIRS = ["binder", ".binder"]

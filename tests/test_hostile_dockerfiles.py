@@ -16,7 +16,7 @@ import docker
 import pytest
 from tests.test_service_build import build_path, building_service, phases, served_repo
 
-from binderbox.build.dockerfile_check import check_dockerfile, refusal
+from binderbox.builder.dockerfile_check import check_dockerfile, refusal
 from binderbox.config import Settings
 from binderbox.launch.options import LABEL_SESSION, NO_JUPYTER_SERVER
 from binderbox.naming import image_name_for

@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 from tests.conftest import commit_all
 
-from binderbox.build.pipeline import BuildRequest, choose_suite
+from binderbox.builder.pipeline import BuildRequest, choose_suite
 from binderbox.config import Settings, load_settings
 from binderbox.errors import ConfigError, UsageError
 from binderbox.naming import IMAGE_SETTINGS, escape_slug, image_name_for, image_settings

@@ -21,9 +21,9 @@ import requests
 from tests.conftest import binderbox, run_in_image
 from tests.test_service_build import build_path, building_service, phases, served_repo
 
-from binderbox.build import base, package_index, pipfile
-from binderbox.build.plan import BuildPlan, Requirements
-from binderbox.build.render import ImageOptions, render
+from binderbox.builder import base, package_index, pipfile
+from binderbox.builder.plan import BuildPlan, Requirements
+from binderbox.builder.render import ImageOptions, render
 from binderbox.config import HOST_CA_BUNDLE, load_settings
 from binderbox.errors import UsageError
 

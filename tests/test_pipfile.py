@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from binderbox.build import pipfile
-from binderbox.build.detect import detect
+from binderbox.builder import pipfile
+from binderbox.builder.detect import detect
 from binderbox.errors import ConfigError
 
 PIPFILE = """

@@ -5,11 +5,11 @@ import shlex
 
 import pytest
 
-from binderbox.build import r_support
-from binderbox.build.detect import detect
-from binderbox.build.pipeline import BuildRequest, choose_r_suite
-from binderbox.build.plan import AptPackage, BuildPlan, Requirements, RSetup
-from binderbox.build.render import ImageOptions, render
+from binderbox.builder import r_support
+from binderbox.builder.detect import detect
+from binderbox.builder.pipeline import BuildRequest, choose_r_suite
+from binderbox.builder.plan import AptPackage, BuildPlan, Requirements, RSetup
+from binderbox.builder.render import ImageOptions, render
 from binderbox.config import Settings, load_settings
 from binderbox.errors import ConfigError, UsageError
 from binderbox.naming import image_settings

@@ -5,9 +5,9 @@ import shlex
 
 import pytest
 
-from binderbox.build import stack
-from binderbox.build.plan import AptPackage, BuildPlan, Requirements
-from binderbox.build.render import (
+from binderbox.builder import stack
+from binderbox.builder.plan import AptPackage, BuildPlan, Requirements
+from binderbox.builder.render import (
     ENTRYPOINT_SCRIPT,
     ImageOptions,
     render,

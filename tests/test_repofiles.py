@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from binderbox.build import conda, pipfile, repofiles
-from binderbox.build.detect import detect
-from binderbox.build.pipeline import ignore_patterns
+from binderbox.builder import conda, pipfile, repofiles
+from binderbox.builder.detect import detect
+from binderbox.builder.pipeline import ignore_patterns
 from binderbox.errors import (
     MAX_MESSAGE_CHARS,
     BinderboxError,

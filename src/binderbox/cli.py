@@ -11,11 +11,11 @@ from typing import Any
 import click
 
 from binderbox import __version__
-from binderbox.build import base as base_image
-from binderbox.build.detect import detect
-from binderbox.build.engine import DockerEngine, docker_client
-from binderbox.build.pipeline import BuildRequest, build_repository, checked_subdir
-from binderbox.build.render import ImageOptions, render
+from binderbox.builder import base as base_image
+from binderbox.builder.detect import detect
+from binderbox.builder.engine import DockerEngine, docker_client
+from binderbox.builder.pipeline import BuildRequest, build_repository, checked_subdir
+from binderbox.builder.render import ImageOptions, render
 from binderbox.config import Settings, load_settings
 from binderbox.errors import BinderboxError, BuildFailed, UsageError
 from binderbox.events import Event

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from binderbox.build import package_index, r_support
+from binderbox.builder import package_index, r_support
 from binderbox.errors import UsageError
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from binderbox.build import package_index
+from binderbox.builder import package_index
 from binderbox.config import Settings
 
 _NOT_NAME = re.compile(r"[^a-z0-9]+")

@@ -32,7 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from binderbox import __version__
-from binderbox.build.engine import docker_client
+from binderbox.builder.engine import docker_client
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from binderbox.build.pipeline import BuildResult
+from binderbox.builder.pipeline import BuildResult
 from binderbox.errors import BinderboxError
 from binderbox.events import Emit, Event
 from binderbox.service.limits import InFlight

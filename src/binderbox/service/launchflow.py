@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from binderbox.build.engine import DockerEngine
-from binderbox.build.pipeline import BuildRequest, build_repository
+from binderbox.builder.engine import DockerEngine
+from binderbox.builder.pipeline import BuildRequest, build_repository
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event

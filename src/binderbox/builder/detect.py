@@ -28,9 +28,9 @@ from pathlib import Path
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from binderbox.build import conda, pipfile, r_support, repofiles
-from binderbox.build.plan import AptPackage, BuildPlan, Requirements, RSetup
-from binderbox.build.requirement_lines import refers_to_repository
+from binderbox.builder import conda, pipfile, r_support, repofiles
+from binderbox.builder.plan import AptPackage, BuildPlan, Requirements, RSetup
+from binderbox.builder.requirement_lines import refers_to_repository
 from binderbox.errors import ConfigError, quoted
 
 BINDER_DIRS = ("binder", ".binder")

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from binderbox.build import package_index
-from binderbox.build.repofiles import load_json, load_toml
+from binderbox.builder import package_index
+from binderbox.builder.repofiles import load_json, load_toml
 from binderbox.errors import ConfigError, quoted
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

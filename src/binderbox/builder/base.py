@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from binderbox.build import package_index, stack
-from binderbox.build.engine import DockerEngine
-from binderbox.build.render import server_stack_command, uv_install_command
+from binderbox.builder import package_index, stack
+from binderbox.builder.engine import DockerEngine
+from binderbox.builder.render import server_stack_command, uv_install_command
 from binderbox.errors import BuildFailed, UsageError
 
 BASE_REPOSITORY = "binderbox/base"

@@ -13,8 +13,8 @@ import datetime
 import re
 import shlex
 
-from binderbox.build import stack
-from binderbox.build.plan import AptPackage, RSetup
+from binderbox.builder import stack
+from binderbox.builder.plan import AptPackage, RSetup
 from binderbox.errors import ConfigError, quoted
 
 # A plain CRAN mirror (no date), and Posit Package Manager's dated CRAN snapshots, which

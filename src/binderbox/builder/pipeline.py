@@ -12,13 +12,13 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from binderbox import __version__
-from binderbox.build import base, repofiles, stack
-from binderbox.build.cache import load_cache_secret
-from binderbox.build.detect import detect
-from binderbox.build.dockerfile_check import refusal
-from binderbox.build.engine import DockerEngine
-from binderbox.build.plan import BuildPlan
-from binderbox.build.render import REPO_IN_CONTEXT, SUPPORT_IN_CONTEXT, ImageOptions, render
+from binderbox.builder import base, repofiles, stack
+from binderbox.builder.cache import load_cache_secret
+from binderbox.builder.detect import detect
+from binderbox.builder.dockerfile_check import refusal
+from binderbox.builder.engine import DockerEngine
+from binderbox.builder.plan import BuildPlan
+from binderbox.builder.render import REPO_IN_CONTEXT, SUPPORT_IN_CONTEXT, ImageOptions, render
 from binderbox.config import Settings
 from binderbox.errors import BaseImageUnavailable, ConfigError, UsageError
 from binderbox.events import Emit, Event

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from binderbox.build.requirement_lines import refers_to_repository
+from binderbox.builder.requirement_lines import refers_to_repository
 from binderbox.errors import ConfigError, quoted, shortened
 
 # Conda names whose PyPI project has another name. Names that differ only in case or in

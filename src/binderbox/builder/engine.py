@@ -21,7 +21,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from binderbox.build.render import Step
+from binderbox.builder.render import Step
 from binderbox.errors import BaseImageUnavailable, BuildFailed, DockerUnavailable
 
 LOG_TAIL_LINES = 25

@@ -14,9 +14,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from binderbox.build import package_index, r_support, stack
-from binderbox.build.cache import cache_key
-from binderbox.build.plan import BuildPlan
+from binderbox.builder import package_index, r_support, stack
+from binderbox.builder.cache import cache_key
+from binderbox.builder.plan import BuildPlan
 from binderbox.errors import UsageError
 
 # Folders inside the build context.
@@ -57,7 +57,7 @@ class ImageOptions:
     cran_mirror: str = ""
     # Compile the repository's Python packages to bytecode at build time.
     compile_bytecode: bool = False
-    # This deployment's cache secret (build/cache.py) and the repository's slug: the ids
+    # This deployment's cache secret (builder/cache.py) and the repository's slug: the ids
     # of the shared caches and of this repository's private one derive from them.
     cache_secret: str = ""
     repository_slug: str = ""

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 from binderbox.builder import package_index, r_support
 from binderbox.errors import UsageError
@@ -183,6 +184,12 @@ class Settings:
     # Origin whose pages may call a session's Jupyter server from the browser (its
     # --ServerApp.allow_origin, e.g. a Jupyter Book using thebe); "" = same origin only.
     session_allow_origin: str = ""
+    # An OCI registry that keeps the built images (builds push, sessions pull, "built" means
+    # the registry has it), e.g. "http://127.0.0.1:5000"; empty keeps them in local Docker.
+    registry_url: str = ""
+    # The registry's address as session nodes reach it, when it differs from registry_url
+    # (e.g. "172.18.0.1:5000" for a registry the manager knows as 127.0.0.1:5000).
+    registry_pull_url: str = ""
     # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---
     # Where the hub keeps its config, database, log and lock; the proxy's npm packages go
     # in <state_dir>/node.
@@ -307,9 +314,33 @@ def _validated(settings: Settings) -> Settings:
                 raise UsageError(f"Setting '{name}' must hold http(s) URLs, not {url!r}.")
     if settings.ca_bundle and not Path(settings.ca_bundle).is_file():
         raise UsageError(f"The CA bundle '{settings.ca_bundle}' does not exist.")
+    _validate_registry(settings)
     _validate_sessions(settings)
     _validate_abuse_limits(settings)
     return settings
+
+
+def _validate_registry(settings: Settings) -> None:
+    for name in ("registry_url", "registry_pull_url"):
+        value = getattr(settings, name)
+        if not value:
+            continue
+        # The pull address may be given as image references write it: host:port.
+        parts = urlsplit(value if "://" in value or name == "registry_url" else "http://" + value)
+        if (
+            parts.scheme not in {"http", "https"}
+            or not parts.hostname
+            or parts.username is not None
+            or parts.path not in {"", "/"}
+            or parts.query
+            or parts.fragment
+        ):
+            raise UsageError(
+                f"Setting '{name}' must be a registry address such as "
+                f"'http://127.0.0.1:5000' (no path or user name), not {value!r}."
+            )
+    if settings.registry_pull_url and not settings.registry_url:
+        raise UsageError("Setting 'registry_pull_url' needs 'registry_url' beside it.")
 
 
 def _validate_abuse_limits(settings: Settings) -> None:

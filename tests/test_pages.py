@@ -53,6 +53,13 @@ def good_repo(git_server, tmp_path_factory):
     return served_repo(git_server, tmp_path_factory.mktemp("good"), files, "pages-good")
 
 
+@pytest.fixture(scope="module")
+def pasted_repo(git_server, tmp_path_factory):
+    """A repository of its own for the paste test, so good_repo's first build stays a build."""
+    files = {"a.ipynb": "{}", "requirements.txt": ""}
+    return served_repo(git_server, tmp_path_factory.mktemp("pasted"), files, "pages-pasted")
+
+
 def launch_path(url: str, ref: str = "main", query: str = "build_only=true") -> str:
     return f"/v2/git/{quote(url, safe='')}/{ref}?{query}"
 
@@ -169,18 +176,18 @@ def test_a_pasted_address_on_another_git_host_selects_git_repository(plain_servi
     expect(page.locator("#repo")).to_have_value("org/repo")
 
 
-def test_a_pasted_git_address_launches(build_service, good_repo, page):
+def test_a_pasted_git_address_launches(build_service, pasted_repo, page):
     """The link the form makes for a git:// address is a launch the service understands."""
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.goto(build_service.url + "/")
     expect(page.locator("#provider")).to_have_value("gh")
-    paste(page, "#repo", good_repo)
+    paste(page, "#repo", pasted_repo)
     expect(page.locator("#provider")).to_have_value("git")
     page.get_by_label("Git ref (branch, tag, or commit)").fill("main")
     link = page.locator("#share-url").input_value()
-    assert link == f"{build_service.url}{launch_path(good_repo, query='')}".rstrip("?")
+    assert link == f"{build_service.url}{launch_path(pasted_repo, query='')}".rstrip("?")
     page.goto(link + "?build_only=true")
-    expect(page.locator("h1")).to_have_text(f"Launching {good_repo}")
+    expect(page.locator("h1")).to_have_text(f"Launching {pasted_repo}")
     expect(page.locator("#state")).to_contain_text("Built", timeout=600_000)
 
 

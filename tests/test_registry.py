@@ -216,3 +216,42 @@ def test_a_registry_asking_for_credentials_is_named():
         server.server_close()
     assert "asks for credentials" in caught.value.message
     assert_one_sentence(caught.value.message)
+
+
+# -- the service: a build pushes, the next launch of the commit finds it in the registry --
+
+
+def test_the_service_pushes_a_build_and_the_next_launch_finds_it_in_the_registry(
+    registry, store, base_image, built_images, git_server, tmp_path
+):
+    from tests.test_service_build import build_path, building_service, phases, served_repo
+
+    url = served_repo(git_server, tmp_path, {"README.md": "registry\n"}, "reg1")
+    with building_service(built_images, "reg", registry_url=registry.url) as svc:
+        first, _ = svc.events(build_path(url, build_only="true"))
+        assert first[-1]["phase"] == "ready", first[-1]
+        assert "building" in phases(first)
+        image = next(e["image"] for e in first if e["phase"] == "built")
+        assert store.exists(image)
+
+        # Gone from this machine's Docker: only the registry still has it.
+        docker.from_env().images.remove(image)
+        again, _ = svc.events(build_path(url, build_only="true"))
+        assert phases(again) == ["fetching", "built", "ready"], again
+        assert again[-2]["message"] == "Found a built image for this commit, launching."
+        assert not local_tags(image)
+
+
+def test_the_service_says_so_when_the_registry_is_down(
+    base_image, built_images, git_server, tmp_path
+):
+    from tests.test_service_build import build_path, building_service, served_repo
+
+    url = served_repo(git_server, tmp_path, {"README.md": "down\n"}, "reg2")
+    dead = f"http://127.0.0.1:{free_port()}"
+    with building_service(built_images, "regdown", registry_url=dead) as svc:
+        events, _ = svc.events(build_path(url, build_only="true"))
+    failed = events[-1]
+    assert failed["phase"] == "failed"
+    assert "cannot be reached" in failed["message"]
+    assert_one_sentence(failed["message"])

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from binderbox.builder.engine import DockerEngine
-from binderbox.builder.pipeline import BuildRequest, build_repository
+from binderbox.builder.pipeline import BuildRequest, BuildResult, build_repository
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
-from binderbox.events import Event
+from binderbox.events import Emit, Event
 from binderbox.providers.base import Source
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.providers.content import content_source
@@ -326,6 +326,15 @@ def _resolving_message(provider: str, spec: str) -> str:
     return f"Resolving {parsed.ref} of {parsed.repo_url}"
 
 
+def _registry(settings: Settings) -> Any:
+    """The registry image store when ``registry_url`` is set, else None (local Docker)."""
+    if not settings.registry_url:
+        return None
+    from binderbox.registry import RegistryImageStore  # only deployments with a registry
+
+    return RegistryImageStore(settings)
+
+
 async def _launch(
     request: LaunchRequest,
     ctx: ServiceContext,
@@ -357,16 +366,34 @@ async def _launch(
     image = resolved.image
     fields = binder_fields(request, resolved)
 
-    if await ctx.local.run(engine.image_exists, image, timeout=LOCAL_TIMEOUT, what="Docker"):
+    # With a registry, "built" means the registry has it (any node can pull it from there).
+    registry = _registry(settings)
+    if registry is not None:
+        present = await ctx.local.run(
+            registry.exists, image, timeout=LOCAL_TIMEOUT, what="The image registry"
+        )
+    else:
+        present = await ctx.local.run(
+            engine.image_exists, image, timeout=LOCAL_TIMEOUT, what="Docker"
+        )
+    if present:
         yield Event("built", "Found a built image for this commit, launching.", {"image": image})
     else:
         build = BuildRequest(source=resolved.source)
+        builder_settings = settings.with_overrides(check_remote_hosts=True)
+
+        def build_and_push(emit: Emit) -> BuildResult:
+            # Anonymous repositories: the builder treats them as untrusted.
+            result = build_repository(build, builder_settings, emit)
+            if registry is not None:
+                # Inside the job, so launches sharing this build wait for the push too.
+                emit(Event("building", f"Pushing {image} to the image registry."))
+                registry.push(image)
+            return result
+
         job, _ = ctx.queue.submit(
             image,
-            # Anonymous repositories: the builder treats them as untrusted.
-            lambda emit: build_repository(
-                build, settings.with_overrides(check_remote_hosts=True), emit
-            ),
+            build_and_push,
             resolved.spec.repo_url,
             resolved.commit,
             owner=request.client,

@@ -1,0 +1,287 @@
+"""One contract for every state store: the SQLite file (one machine) and PostgreSQL (many
+machines) must behave alike, so both run the same tests. PostgreSQL is a real server the
+tests start (tests/postgres.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.postgres import PostgresCluster, postgres_cluster
+
+from binderbox.store import BuildStore
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+# A store factory: each call opens a new store object on the same database (a restart).
+Opener = Callable[[], Any]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request, tmp_path: Path) -> Iterator[Opener]:
+    opened: list[Any] = []
+    if request.param == "sqlite":
+        path = tmp_path / "state" / "binderbox.sqlite"
+
+        def opener() -> Any:
+            opened.append(BuildStore(path))
+            return opened[-1]
+
+    else:
+        from binderbox.state_postgres import PostgresStateStore
+
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        url = cluster.new_database()
+
+        def opener() -> Any:
+            opened.append(PostgresStateStore(url))
+            return opened[-1]
+
+    yield opener
+    for store in opened:
+        store.close()
+
+
+def test_a_build_is_running_then_finished(open_store: Opener):
+    store = open_store()
+    build_id = store.start("img:abc", "https://example.org/repo", "abc", owner="hub1")
+    record = store.get(build_id)
+    assert (record.id, record.image, record.repo_url, record.ref) == (
+        build_id,
+        "img:abc",
+        "https://example.org/repo",
+        "abc",
+    )
+    assert (record.status, record.message, record.finished) == ("running", "", None)
+    assert record.started > 0
+
+    store.finish(build_id, "failed", "requirements.txt line 4: 'numpyy' was not found.")
+    record = store.get(build_id)
+    assert record.status == "failed"
+    assert record.message == "requirements.txt line 4: 'numpyy' was not found."
+    assert record.finished >= record.started
+    assert store.get("no-such-build") is None
+
+
+def test_log_lines_keep_their_order_and_phases(open_store: Opener):
+    store = open_store()
+    build_id = store.start("img:1", "repo", "1")
+    store.append(build_id, "first")
+    store.append_many(build_id, [("waiting", "queued"), ("building", "step 1"), ("built", "ok")])
+    store.append_many(build_id, [])
+    store.append(build_id, "last", phase="building")
+    assert store.log(build_id) == ["first", "queued", "step 1", "ok", "last"]
+    assert store.events(build_id, 0, 100) == [
+        ("building", "first"),
+        ("waiting", "queued"),
+        ("building", "step 1"),
+        ("built", "ok"),
+        ("building", "last"),
+    ]
+    # Paging, as a follower reads a long log.
+    assert store.events(build_id, 1, 2) == [("waiting", "queued"), ("building", "step 1")]
+    assert store.events(build_id, 4, 10) == [("building", "last")]
+    assert store.events(build_id, 5, 10) == []
+    assert store.log("no-such-build") == []
+
+
+def test_logs_of_two_builds_stay_apart(open_store: Opener):
+    store = open_store()
+    one = store.start("img:1", "repo", "1")
+    two = store.start("img:2", "repo", "2")
+    store.append_many(one, [("building", "one a"), ("building", "one b")])
+    store.append(two, "two a")
+    store.append(one, "one c")
+    assert store.log(one) == ["one a", "one b", "one c"]
+    assert store.log(two) == ["two a"]
+
+
+def test_text_is_kept_as_printed(open_store: Opener):
+    store = open_store()
+    build_id = store.start("img:1", "repo", "1")
+    lines = ["\x1b[31mred\x1b[0m ünïcode 🐍 'quotes' \"double\" %s %(x)s \\", "x" * 100_000]
+    store.append_many(build_id, [("building", line) for line in lines])
+    assert store.log(build_id) == lines
+    # A build may print NUL, which PostgreSQL's text cannot hold: it is stored as U+FFFD
+    # there (kept by SQLite); the rest of the line survives, and nothing fails.
+    store.append(build_id, "a\x00b")
+    assert store.log(build_id)[-1].replace("\x00", "\ufffd") == "a\ufffdb"
+
+
+def test_interrupted_fails_only_that_owners_unfinished_builds(open_store: Opener):
+    store = open_store()
+    mine = store.start("img:1", "repo", "1", owner="hub-a")
+    mine_done = store.start("img:2", "repo", "2", owner="hub-a")
+    store.finish(mine_done, "success")
+    theirs = store.start("img:3", "repo", "3", owner="hub-b")
+
+    restarted = open_store()
+    assert restarted.interrupted("hub-a") == 1
+    record = restarted.get(mine)
+    assert record.status == "failed"
+    assert "restarted" in record.message
+    assert record.finished is not None
+    assert restarted.get(mine_done).status == "success"
+    assert restarted.get(theirs).status == "running"
+    assert restarted.interrupted("hub-a") == 0
+    assert restarted.interrupted("hub-c") == 0
+    assert restarted.interrupted("hub-b") == 1
+
+
+def test_launches_newest_first(open_store: Opener):
+    store = open_store()
+    assert store.recent_launches() == []
+    for n in range(5):
+        store.record_launch("gh", f"org/repo{n}/main", f"c{n}", "success", n + 0.5)
+    store.record_launch("git", "x/y", "", "failed", 1.25, "The repository does not exist.")
+    launches = store.recent_launches(3)
+    assert [launch.spec for launch in launches] == ["x/y", "org/repo4/main", "org/repo3/main"]
+    first = launches[0]
+    assert (first.provider, first.ref, first.status, first.seconds, first.message) == (
+        "git",
+        "",
+        "failed",
+        1.25,
+        "The repository does not exist.",
+    )
+    assert first.at >= launches[1].at > 0
+    assert len(store.recent_launches()) == 6
+
+
+def test_a_restart_finds_everything_again(open_store: Opener):
+    store = open_store()
+    build_id = store.start("img:1", "repo", "1", owner="hub")
+    store.append_many(build_id, [("building", "a"), ("built", "b")])
+    store.finish(build_id, "success")
+    store.record_launch("gh", "org/repo/main", "1", "success", 2.0)
+    before = store.get(build_id)
+    store.close()
+
+    again = open_store()
+    assert again.get(build_id) == before
+    assert again.events(build_id, 0, 10) == [("building", "a"), ("built", "b")]
+    assert [launch.spec for launch in again.recent_launches()] == ["org/repo/main"]
+    # And it goes on working: new builds next to the old ones.
+    other = again.start("img:2", "repo", "2", owner="hub")
+    again.append(other, "new")
+    assert again.log(other) == ["new"]
+    assert again.log(build_id) == ["a", "b"]
+
+
+def test_worker_threads_can_share_one_store(open_store: Opener):
+    store = open_store()
+    builds = [store.start(f"img:{n}", "repo", str(n)) for n in range(4)]
+    errors: list[BaseException] = []
+
+    def write(build_id: str) -> None:
+        try:
+            for batch in range(25):
+                store.append_many(build_id, [("building", f"{batch}.{i}") for i in range(4)])
+                store.events(build_id, 0, 10)
+                store.record_launch("gh", build_id, "", "success", 0.1)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in builds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    expected = [f"{batch}.{i}" for batch in range(25) for i in range(4)]
+    for build_id in builds:
+        assert store.log(build_id) == expected
+    assert len(store.recent_launches(1000)) == 100
+
+
+# --- PostgreSQL only: what the server adds (passwords, outages, schema versions, the hub) ---
+
+
+def test_postgres_schema_is_versioned_and_a_newer_one_is_refused(postgres: PostgresCluster):
+    from binderbox.state_postgres import SCHEMA_VERSION, PostgresStateStore, StateUnavailable
+
+    url = postgres.new_database()
+    store = PostgresStateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    store.close()
+    PostgresStateStore(url).close()  # a second start migrates nothing and fails nothing
+    dbname = url.rsplit("/", 1)[1]
+    assert postgres.sql("SELECT count(*) FROM binderbox_schema", dbname=dbname) == [(1,)]
+    postgres.sql("UPDATE binderbox_schema SET version = 99", dbname=dbname)
+    with pytest.raises(StateUnavailable, match="newer binderbox"):
+        PostgresStateStore(url)
+
+
+def test_postgres_passwords_never_appear_in_errors(postgres: PostgresCluster):
+    from binderbox.state_postgres import PostgresStateStore, StateUnavailable, redacted
+
+    url = postgres.new_database(password="Sup3r-S3cret")
+    wrong = url.replace("Sup3r-S3cret", "Wr0ng-S3cret")
+    with pytest.raises(StateUnavailable) as refused:
+        PostgresStateStore(wrong)
+    assert "Wr0ng-S3cret" not in str(refused.value)
+    assert "password authentication failed" in str(refused.value)
+    assert ":***@127.0.0.1" in str(refused.value)
+
+    closed_port = url.replace(f":{postgres.port}/", ":1/")
+    with pytest.raises(StateUnavailable) as unreachable:
+        PostgresStateStore(closed_port)
+    assert "Sup3r-S3cret" not in str(unreachable.value)
+    assert "cannot be reached" in str(unreachable.value)
+
+    store = PostgresStateStore(url)
+    assert "Sup3r-S3cret" not in repr(store)
+    store.close()
+    assert redacted("postgresql://u:p%40ss@h:5/d?x=1") == "postgresql://u:***@h:5/d?x=1"
+    assert redacted("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+def test_postgres_outage_fails_a_call_in_one_sentence_then_reconnects(
+    postgres: PostgresCluster,
+):
+    from binderbox.state_postgres import PostgresStateStore, StateUnavailable
+
+    url = postgres.new_database()
+    store = PostgresStateStore(url)
+    build_id = store.start("img:1", "repo", "1")
+    postgres.stop()
+    try:
+        with pytest.raises(StateUnavailable) as failed:
+            store.append(build_id, "lost")
+        assert "\n" not in str(failed.value)
+        assert url.split("@")[0].split(":")[-1] not in str(failed.value)  # the password
+    finally:
+        postgres.start()
+    store.append(build_id, "after")
+    assert store.log(build_id) == ["after"]
+    store.close()
+
+
+def test_postgres_hub_database_is_made_beside_the_state(postgres: PostgresCluster):
+    from binderbox.state_postgres import (
+        ensure_hub_database,
+        hub_database_name,
+        reset_hub_database,
+    )
+
+    url = postgres.new_database()
+    dbname = url.rsplit("/", 1)[1]
+    assert hub_database_name(url) == dbname + "_hub"
+    hub_url = ensure_hub_database(url)
+    assert hub_url.startswith("postgresql+psycopg://")
+    assert hub_url.endswith(f"/{dbname}_hub")
+    assert ensure_hub_database(url) == hub_url  # already there: fine
+    owners = postgres.sql(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", dbname + "_hub"
+    )
+    assert owners == [(dbname,)]
+    reset_hub_database(url)
+    assert postgres.sql("SELECT 1 FROM pg_database WHERE datname = %s", dbname + "_hub") == []

@@ -4,10 +4,13 @@ tests start (tests/postgres.py)."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from tests.postgres import PostgresCluster, postgres_cluster
@@ -122,9 +125,11 @@ def test_interrupted_fails_only_that_owners_unfinished_builds(open_store: Opener
     mine_done = store.start("img:2", "repo", "2", owner="hub-a")
     store.finish(mine_done, "success")
     theirs = store.start("img:3", "repo", "3", owner="hub-b")
+    nobodys = store.start("img:4", "repo", "4")  # no owner: anyone's restart ends it
 
     restarted = open_store()
-    assert restarted.interrupted("hub-a") == 1
+    assert restarted.interrupted("hub-a") == 2
+    assert restarted.get(nobodys).status == "failed"
     record = restarted.get(mine)
     assert record.status == "failed"
     assert "restarted" in record.message
@@ -284,4 +289,95 @@ def test_postgres_hub_database_is_made_beside_the_state(postgres: PostgresCluste
     )
     assert owners == [(dbname,)]
     reset_hub_database(url)
+    assert postgres.sql("SELECT 1 FROM pg_database WHERE datname = %s", dbname + "_hub") == []
+
+
+def test_the_hub_config_takes_its_database_from_the_environment(tmp_path: Path):
+    from binderbox.config import Settings
+    from binderbox.launch.hub import DB_FILE, HUB_DB_URL_ENV, render_config
+
+    url = "postgresql://bb:Sup3r-S3cret@127.0.0.1:5432/bb"
+    text = render_config(
+        Settings(database_url=url), state_dir=tmp_path, proxy=Path("/x/chp"), hub_id="abc"
+    )
+    assert f"c.JupyterHub.db_url = os.environ[{HUB_DB_URL_ENV!r}]" in text
+    assert "Sup3r-S3cret" not in text and DB_FILE not in text
+    plain = render_config(Settings(), state_dir=tmp_path, proxy=Path("/x/chp"), hub_id="abc")
+    assert f"sqlite:///{tmp_path / DB_FILE}" in plain
+
+
+# --- through the real binderbox serve -------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
+    postgres: PostgresCluster, tmp_path_factory, base_image, git_server, tmp_path
+):
+    import requests
+    from tests.test_serve import serve_env, served_repo, start_serve, stop_and_clean
+
+    password = "S3cret-" + uuid.uuid4().hex[:8]
+    url = postgres.new_database(password=password)
+    dbname = url.rsplit("/", 1)[1]
+    prefix = f"binderbox-pgstate-{uuid.uuid4().hex[:6]}-"
+    env = {
+        **serve_env(tmp_path_factory, prefix),
+        "BINDERBOX_DATABASE_URL": url,
+        "BINDERBOX_BUILD_ONLY_ENABLED": "true",
+    }
+    state_dir = Path(env["BINDERBOX_STATE_DIR"])
+    log = tmp_path / "serve.log"
+    first = start_serve(env, log, prefix)
+    second = None
+    try:
+        repo = served_repo(git_server, tmp_path, "pgstate")
+        events = first.stream(f"/build/git/{quote(repo, safe='')}/main?build_only=true")
+        assert events[-1]["phase"] == "ready", events[-1]
+        built = [e for e in events if e["phase"] == "built"][-1]
+        build_id = built["log_url"].rsplit("/", 1)[1]
+
+        # Recorded in PostgreSQL, not in a file of state_dir.
+        rows = postgres.sql("SELECT id, status, image, owner FROM builds", dbname=dbname)
+        assert [(r[0], r[1]) for r in rows] == [(build_id, "success")]
+        assert rows[0][2] == events[-1]["image"]
+        assert rows[0][3]  # the service that ran it
+        assert (
+            postgres.sql(
+                "SELECT count(*) FROM build_log WHERE build_id = %s", build_id, dbname=dbname
+            )[0][0]
+            > 3
+        )
+        launches = postgres.sql("SELECT provider, status FROM launches", dbname=dbname)
+        assert launches == [("git", "success")]
+        hub_tables = postgres.sql(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", dbname=dbname + "_hub"
+        )
+        assert {"users", "servers", "alembic_version"} <= {t[0] for t in hub_tables}
+        assert not list(state_dir.glob("*.sqlite"))
+
+        # The password is nowhere to be seen or read.
+        status = requests.get(first.url + "/status", timeout=30).text
+        assert password not in status
+        for written in [log, *state_dir.glob("*.log"), *state_dir.glob("*.py")]:
+            assert password not in written.read_text(errors="replace"), written
+
+        # A restart (a service manager's SIGTERM) finds the build and its log again.
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(timeout=90) == 0
+        second = start_serve(env, log, prefix)
+        page = requests.get(f"{second.url}/logs/{build_id}", timeout=30)
+        assert page.status_code == 200
+        stored = postgres.sql(
+            "SELECT line FROM build_log WHERE build_id = %s ORDER BY seq",
+            build_id,
+            dbname=dbname,
+        )
+        assert stored[-1][0].strip() and stored[-1][0].strip()[:60] in page.text
+        assert postgres.sql("SELECT status FROM builds", dbname=dbname) == [("success",)]
+        assert password not in log.read_text(errors="replace")
+    finally:
+        if second is not None:
+            stop_and_clean(second)
+        stop_and_clean(first)
+    # Stopped for good (Ctrl-C): the hub's sessions are gone, so is its database.
     assert postgres.sql("SELECT 1 FROM pg_database WHERE datname = %s", dbname + "_hub") == []

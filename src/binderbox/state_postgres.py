@@ -249,12 +249,13 @@ class PostgresStateStore:
 
     def interrupted(self, owner: str) -> int:
         """Mark the builds an earlier process of ``owner`` left running as failed (other
-        services sharing the database may still be running theirs); return how many."""
+        services sharing the database may still be running theirs), and those recorded
+        without an owner, as the SQLite store does; return how many."""
         with self._lock:
             cursor = self._call(
                 lambda c: c.execute(
                     "UPDATE builds SET status = 'failed', finished = %s, message = %s"
-                    " WHERE status = 'running' AND owner = %s",
+                    " WHERE status = 'running' AND owner IN (%s, '')",
                     (time.time(), INTERRUPTED_MESSAGE, owner),
                 )
             )

@@ -34,6 +34,8 @@ from binderbox.launch.proxy import ProxyUnavailable, find_proxy
 
 # The hub reads the binderbox service's token from here, so it is never written to disk.
 SERVICE_TOKEN_ENV = "BINDERBOX_HUB_SERVICE_TOKEN"
+# ... and its PostgreSQL database URL (with database_url), which may carry a password.
+HUB_DB_URL_ENV = "BINDERBOX_HUB_DB_URL"
 SERVICE_NAME = "binderbox"
 # What the binderbox service may do: create and delete users, start and stop servers
 # (which includes reading their progress).
@@ -103,7 +105,9 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         f"c.ConfigurableHTTPProxy.command = {[str(proxy)]!r}",
         f"c.ConfigurableHTTPProxy.pid_file = {str(state_dir / PROXY_PID_FILE)!r}",
         f"c.JupyterHub.pid_file = {str(state_dir / 'jupyterhub.pid')!r}",
-        f"c.JupyterHub.db_url = {'sqlite:///' + str(state_dir / DB_FILE)!r}",
+        f"c.JupyterHub.db_url = os.environ[{HUB_DB_URL_ENV!r}]"
+        if s.database_url
+        else f"c.JupyterHub.db_url = {'sqlite:///' + str(state_dir / DB_FILE)!r}",
         f"c.JupyterHub.cookie_secret_file = {str(state_dir / 'jupyterhub_cookie_secret')!r}",
         # Sessions outlive a restart of the hub; binderbox removes them itself when the
         # whole service stops (ManagedHub.stop(keep_sessions=False)).
@@ -241,7 +245,7 @@ class ManagedHub:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "jupyterhub", "-f", str(config)],
                 cwd=self.state_dir,
-                env={**os.environ, SERVICE_TOKEN_ENV: self._token},
+                env={**os.environ, SERVICE_TOKEN_ENV: self._token, **self._database_env()},
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
@@ -278,11 +282,24 @@ class ManagedHub:
             # Its users' servers are gone: a fresh database for the next start.
             for old in self.state_dir.glob(DB_FILE + "*"):
                 old.unlink(missing_ok=True)
+            if self.settings.database_url:
+                from binderbox.state_postgres import reset_hub_database
+
+                with contextlib.suppress(BinderboxError):
+                    reset_hub_database(self.settings.database_url)
         if self._log is not None:
             self._log.close()
             self._log = None
         self._token = ""
         self._unlock()
+
+    def _database_env(self) -> dict[str, str]:
+        """With database_url, the hub's own database on that server (made if missing)."""
+        if not self.settings.database_url:
+            return {}
+        from binderbox.state_postgres import ensure_hub_database
+
+        return {HUB_DB_URL_ENV: ensure_hub_database(self.settings.database_url)}
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -190,6 +190,16 @@ class Settings:
     # The registry's address as session nodes reach it, when it differs from registry_url
     # (e.g. "172.18.0.1:5000" for a registry the manager knows as 127.0.0.1:5000).
     registry_pull_url: str = ""
+    # Where sessions run: "local" (JupyterHub and DockerSpawner on this machine) or "swarm"
+    # (a Docker Swarm this dockerd manages).
+    backend: str = "local"
+    # With backend = "swarm": the attachable overlay network the hub and proxy containers
+    # sit on, and the Swarm placement constraints of sessions (comma-separated).
+    swarm_network: str = "binderbox-swarm"
+    swarm_constraints: str = "node.role==worker"
+    # The state database: empty keeps builds, logs and launches in SQLite in state_dir;
+    # a postgresql:// URL puts them (and the hub's database) in PostgreSQL.
+    database_url: str = ""
     # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---
     # Where the hub keeps its config, database, log and lock; the proxy's npm packages go
     # in <state_dir>/node.
@@ -341,6 +351,14 @@ def _validate_registry(settings: Settings) -> None:
             )
     if settings.registry_pull_url and not settings.registry_url:
         raise UsageError("Setting 'registry_pull_url' needs 'registry_url' beside it.")
+    if settings.backend not in {"local", "swarm"}:
+        raise UsageError("Setting 'backend' must be local or swarm.")
+    if settings.database_url and not settings.database_url.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise UsageError(
+            "Setting 'database_url' must be a postgresql:// URL, or empty for SQLite."
+        )
 
 
 def _validate_abuse_limits(settings: Settings) -> None:

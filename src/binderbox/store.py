@@ -1,7 +1,7 @@
 """SQLite state: builds and their logs, kept across restarts of the service.
 
-One small interface (``BuildStore``) so a deployment on many machines can put Postgres
-behind the same methods later.
+The SQLite implementation of ``binderbox.state.StateStore`` (the embedded default);
+``SqliteStateStore`` is the same class under the seam's name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS builds (
     status TEXT NOT NULL,          -- running, success, failed
     message TEXT NOT NULL DEFAULT '',
     started REAL NOT NULL,
-    finished REAL
+    finished REAL,
+    owner TEXT NOT NULL DEFAULT ''  -- the service (hub id) that runs the build
 );
 CREATE TABLE IF NOT EXISTS launches (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -80,6 +81,9 @@ class BuildStore:
             self._db.execute(
                 "ALTER TABLE build_log ADD COLUMN phase TEXT NOT NULL DEFAULT 'building'"
             )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(builds)")}
+        if "owner" not in columns:  # a state file from before builds had owners
+            self._db.execute("ALTER TABLE builds ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
         self._next_seq: dict[str, int] = {}
 
@@ -87,13 +91,14 @@ class BuildStore:
         with self._lock:
             self._db.close()
 
-    def start(self, image: str, repo_url: str, ref: str) -> str:
+    def start(self, image: str, repo_url: str, ref: str, owner: str = "") -> str:
+        """A new running build of ``image``, run by the service ``owner``; its id."""
         build_id = uuid.uuid4().hex
         with self._lock:
             self._db.execute(
-                "INSERT INTO builds (id, image, repo_url, ref, status, started)"
-                " VALUES (?, ?, ?, ?, 'running', ?)",
-                (build_id, image, repo_url, ref, time.time()),
+                "INSERT INTO builds (id, image, repo_url, ref, status, started, owner)"
+                " VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (build_id, image, repo_url, ref, time.time(), owner),
             )
             self._next_seq[build_id] = 0
         return build_id
@@ -128,14 +133,16 @@ class BuildStore:
             )
             self._next_seq.pop(build_id, None)
 
-    def interrupted(self) -> int:
-        """Mark builds left running by an earlier process as failed; return how many."""
+    def interrupted(self, owner: str) -> int:
+        """Mark the builds an earlier process of ``owner`` left running as failed (other
+        services sharing the store may still be running theirs), and those recorded
+        without an owner (from before owners were kept); return how many."""
         with self._lock:
             cursor = self._db.execute(
                 "UPDATE builds SET status = 'failed', finished = ?,"
                 " message = 'binderbox was restarted while this build ran; launch again.'"
-                " WHERE status = 'running'",
-                (time.time(),),
+                " WHERE status = 'running' AND owner IN (?, '')",
+                (time.time(), owner),
             )
             return cursor.rowcount
 
@@ -184,3 +191,7 @@ class BuildStore:
                 (build_id, start, limit),
             ).fetchall()
         return [(phase, line) for phase, line in rows]
+
+
+# The seam's name for this implementation (binderbox.state.StateStore).
+SqliteStateStore = BuildStore

@@ -7,6 +7,11 @@ the container never talks to the hub, whose API stays on 127.0.0.1 out of the
 container's reach. Activity for the idle culler is what the proxy sees (HTTP and
 websocket traffic), which the hub reads from the proxy every ``last_activity_interval``.
 
+``BinderSpawnerMixin`` holds everything binderbox adds to a spawner (the image and token
+from ``user_options``, the server command, limits, lock-down, ``BINDER_*`` variables,
+waiting for Jupyter); ``BinderSpawner`` puts it over DockerSpawner for one machine, and a
+cluster's spawner is the same mixin over SwarmSpawner (or KubeSpawner).
+
 Loaded by the JupyterHub process as ``binderbox.launch.spawner.BinderSpawner``.
 """
 
@@ -21,6 +26,7 @@ import httpx
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
 from traitlets import Integer, Unicode, default
+from traitlets.config import LoggingConfigurable
 
 from binderbox.launch.options import (
     LABEL_HUB,
@@ -37,13 +43,15 @@ JUPYTER_PORT = 8888
 _LOG_TAIL = 20
 
 
-class BinderSpawner(DockerSpawner):
-    """Starts ``user_options["image"]`` with ``user_options["token"]`` as the server token.
+class BinderSpawnerMixin(LoggingConfigurable):
+    """What binderbox adds to a container spawner (put it first among the bases).
 
+    Starts ``user_options["image"]`` with ``user_options["token"]`` as the server token.
     ``user_options`` also carries the Binder fields (``repo_url``, ``binder_ref_url``, …),
-    given to the session as ``BINDER_*`` variables. The container runs as ``uid`` (never
-    root), with every capability dropped, ``no-new-privileges``, memory, CPU and process
-    limits, no host mounts, and its port published on 127.0.0.1 only.
+    given to the session as ``BINDER_*`` variables. The session runs as ``uid`` (never
+    root) with ``pids_limit``; the spawner below it adds the rest of the lock-down
+    (capabilities, ``no-new-privileges``, memory and CPU) in its own terms, and overrides
+    ``check_image``, ``start_container``, ``_fail_if_stopped`` and ``_output_tail``.
     """
 
     image_prefix = Unicode(
@@ -73,30 +81,10 @@ class BinderSpawner(DockerSpawner):
     def _remove_default(self) -> bool:
         return True
 
-    @default("pull_policy")
-    def _pull_policy_default(self) -> str:
-        # Images come from this machine's builds; there is no registry to pull from.
-        return "never"
-
-    @default("host_ip")
-    def _host_ip_default(self) -> str:
-        return "127.0.0.1"
-
-    @default("use_internal_ip")
-    def _use_internal_ip_default(self) -> bool:
-        return False
-
     @default("apply_user_options")
     def _apply_user_options_default(self) -> Any:
-        return BinderSpawner._apply_session_options
-
-    @default("extra_host_config")
-    def _extra_host_config_default(self) -> Any:
-        return BinderSpawner._host_config
-
-    @default("extra_create_kwargs")
-    def _extra_create_kwargs_default(self) -> Any:
-        return BinderSpawner._create_kwargs
+        # Through the instance, so a subclass's _apply_session_options is the one used.
+        return lambda spawner, options: spawner._apply_session_options(options)
 
     async def _apply_session_options(self, user_options: dict[str, Any]) -> None:
         """Check the request (JupyterHub answers 400 with the message) and take its image."""
@@ -104,45 +92,18 @@ class BinderSpawner(DockerSpawner):
             session = parse_user_options(user_options, self.image_prefix)
         except InvalidSessionOptions as error:
             raise _spawn_error(error.message, reason="options", status=400) from None
-        try:
-            await self.docker("inspect_image", session.image)
-        except docker.errors.NotFound:
-            raise _spawn_error(
-                f"The image {session.image} is not on this machine; build it first.",
-                reason="image",
-                status=400,
-            ) from None
+        await self.check_image(session.image)
         self.session = session
         self.image = session.image
+
+    async def check_image(self, image: str) -> None:
+        """Raise a 400 spawn error when ``image`` cannot run here (before anything starts)."""
 
     async def check_allowed(self, image: str) -> str:
         # DockerSpawner asks before starting; only the image checked above may run.
         if self.session is None or image != self.session.image:
             raise _spawn_error(f"The image {image} was not checked.", reason="image", status=400)
         return image
-
-    def _host_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "security_opt": ["no-new-privileges"],
-            "cap_drop": ["ALL"],
-            "pids_limit": self.pids_limit,
-            "privileged": False,
-            # Keep a crashed container until poll() or stop() removes it, for its output.
-            "auto_remove": False,
-        }
-        if self.mem_guarantee:
-            config["mem_reservation"] = self.mem_guarantee
-        return config
-
-    def _create_kwargs(self) -> dict[str, Any]:
-        return {
-            "user": f"{self.uid}:{self.uid}",
-            "labels": {
-                LABEL_SESSION: "1",
-                LABEL_HUB: self.hub_label,
-                LABEL_USER: self.user.name,
-            },
-        }
 
     def get_args(self) -> list[str]:
         if self.session is None:
@@ -181,22 +142,11 @@ class BinderSpawner(DockerSpawner):
 
     async def start(self) -> tuple[str, int]:
         self._progress_log = []
-        if self.volumes or self.read_only_volumes or self.mounts:
+        if any(getattr(self, name, None) for name in ("volumes", "read_only_volumes", "mounts")):
             # Never the Docker socket, never anything else from the host.
             raise _spawn_error("Sessions mount nothing from the host.", reason="config")
         self._progress(20, f"Starting a container from {self.image}")
-        try:
-            ip, port = await super().start()
-        except docker.errors.APIError as error:
-            # dockerd cannot exec the command: the image has no `jupyter` on its PATH.
-            if "executable file not found" in str(error) or "no such file" in str(error):
-                raise _spawn_error(NO_JUPYTER_SERVER, reason="image", status=400) from None
-            raise
-        except RuntimeError:
-            # DockerSpawner finds no published port when the container exited at once.
-            if self.container_id:
-                await self._fail_if_stopped()
-            raise
+        ip, port = await self.start_container()
         self._progress(60, "Waiting for Jupyter to answer")
         began = time.monotonic()
         await self._wait_for_jupyter(ip, port)
@@ -225,6 +175,93 @@ class BinderSpawner(DockerSpawner):
                         status=500,
                     )
                 await asyncio.sleep(0.2)
+
+    async def start_container(self) -> tuple[str, int]:
+        """Start the session's container (the spawner below's ``start``); its address."""
+        return await super().start()
+
+    async def _fail_if_stopped(self) -> None:
+        """Raise a spawn error with the session's last output when it is no longer running."""
+
+    async def _output_tail(self) -> str:
+        """The session's last lines of output, for errors."""
+        return "(no output)"
+
+
+class BinderSpawner(BinderSpawnerMixin, DockerSpawner):
+    """A Binder session as one Docker container on this machine.
+
+    On top of the mixin: every capability dropped, ``no-new-privileges``, the memory
+    guarantee as a reservation, no host mounts, and the port published on 127.0.0.1 only.
+    """
+
+    @default("pull_policy")
+    def _pull_policy_default(self) -> str:
+        # Images come from this machine's builds; there is no registry to pull from.
+        return "never"
+
+    @default("host_ip")
+    def _host_ip_default(self) -> str:
+        return "127.0.0.1"
+
+    @default("use_internal_ip")
+    def _use_internal_ip_default(self) -> bool:
+        return False
+
+    @default("extra_host_config")
+    def _extra_host_config_default(self) -> Any:
+        return BinderSpawner._host_config
+
+    @default("extra_create_kwargs")
+    def _extra_create_kwargs_default(self) -> Any:
+        return BinderSpawner._create_kwargs
+
+    async def check_image(self, image: str) -> None:
+        try:
+            await self.docker("inspect_image", image)
+        except docker.errors.NotFound:
+            raise _spawn_error(
+                f"The image {image} is not on this machine; build it first.",
+                reason="image",
+                status=400,
+            ) from None
+
+    def _host_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "security_opt": ["no-new-privileges"],
+            "cap_drop": ["ALL"],
+            "pids_limit": self.pids_limit,
+            "privileged": False,
+            # Keep a crashed container until poll() or stop() removes it, for its output.
+            "auto_remove": False,
+        }
+        if self.mem_guarantee:
+            config["mem_reservation"] = self.mem_guarantee
+        return config
+
+    def _create_kwargs(self) -> dict[str, Any]:
+        return {
+            "user": f"{self.uid}:{self.uid}",
+            "labels": {
+                LABEL_SESSION: "1",
+                LABEL_HUB: self.hub_label,
+                LABEL_USER: self.user.name,
+            },
+        }
+
+    async def start_container(self) -> tuple[str, int]:
+        try:
+            return await super().start_container()
+        except docker.errors.APIError as error:
+            # dockerd cannot exec the command: the image has no `jupyter` on its PATH.
+            if "executable file not found" in str(error) or "no such file" in str(error):
+                raise _spawn_error(NO_JUPYTER_SERVER, reason="image", status=400) from None
+            raise
+        except RuntimeError:
+            # DockerSpawner finds no published port when the container exited at once.
+            if self.container_id:
+                await self._fail_if_stopped()
+            raise
 
     async def poll(self) -> int | str | None:
         status = await super().poll()

@@ -288,8 +288,18 @@ def test_postgres_hub_database_is_made_beside_the_state(postgres: PostgresCluste
         "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", dbname + "_hub"
     )
     assert owners == [(dbname,)]
+    hub_db = dbname + "_hub"
+    reset_hub_database(url)  # no tables yet: nothing to do
+    # Tables as the hub makes them (as the database's user), then emptied again.
+    import psycopg
+
+    with psycopg.connect(url, dbname=hub_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE users (id SERIAL PRIMARY KEY, name TEXT)")
+        conn.execute("CREATE TABLE servers (id SERIAL PRIMARY KEY, user_id INT REFERENCES users)")
     reset_hub_database(url)
-    assert postgres.sql("SELECT 1 FROM pg_database WHERE datname = %s", dbname + "_hub") == []
+    tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    assert postgres.sql(tables, dbname=hub_db) == []
+    assert ensure_hub_database(url) == hub_url  # the database itself stays
 
 
 def test_the_hub_config_takes_its_database_from_the_environment(tmp_path: Path):
@@ -379,5 +389,7 @@ def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
         if second is not None:
             stop_and_clean(second)
         stop_and_clean(first)
-    # Stopped for good (Ctrl-C): the hub's sessions are gone, so is its database.
-    assert postgres.sql("SELECT 1 FROM pg_database WHERE datname = %s", dbname + "_hub") == []
+    # Stopped for good (Ctrl-C): the hub's sessions are gone, so are its tables.
+    tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    assert postgres.sql(tables, dbname=dbname + "_hub") == []
+    assert postgres.sql("SELECT count(*) FROM builds", dbname=dbname) == [(1,)]

@@ -375,18 +375,26 @@ def ensure_hub_database(url: str) -> str:
 
 
 def reset_hub_database(url: str) -> None:
-    """Empty the hub's database (all of its sessions are gone), as deleting the hub's
-    SQLite file does on one machine; the next ``ensure_hub_database`` makes it again."""
+    """Drop the hub's tables (all of its sessions are gone), as deleting the hub's SQLite
+    file does on one machine; the database itself stays, so an operator may have made it
+    for a user who cannot create databases. The next hub start makes the tables again."""
     psycopg = _psycopg()
     from psycopg import sql
 
     name = hub_database_name(url)
-    conn = _connect(url, "The state database")
     try:
-        with conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        with _connect(url, "The state database") as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if found.fetchone() is None:
+                return
+        with _connect(url, "The hub's database", dbname=name) as conn:
+            tables = conn.execute(
+                "SELECT schemaname, tablename FROM pg_tables"
+                " WHERE schemaname = current_schema() AND tableowner = current_user"
+            ).fetchall()
+            if tables:
+                names = sql.SQL(", ").join(sql.Identifier(*table) for table in tables)
+                conn.execute(sql.SQL("DROP TABLE {} CASCADE").format(names))
     except psycopg.Error as error:
         raise StateUnavailable(
             f"The hub's database '{name}' at {redacted(url)} cannot be emptied: "

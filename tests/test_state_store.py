@@ -393,3 +393,19 @@ def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
     tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
     assert postgres.sql(tables, dbname=dbname + "_hub") == []
     assert postgres.sql("SELECT count(*) FROM builds", dbname=dbname) == [(1,)]
+
+
+@pytest.mark.docker
+def test_serve_with_an_unreachable_database_refuses_to_start_in_one_sentence(tmp_path_factory):
+    from tests.conftest import binderbox, free_port
+    from tests.test_serve import serve_env
+
+    url = f"postgresql://bb:Sup3r-S3cret@127.0.0.1:{free_port()}/bb"
+    env = {**serve_env(tmp_path_factory, "binderbox-pgdown-"), "BINDERBOX_DATABASE_URL": url}
+    result = binderbox("serve", env=env, timeout=120)
+    assert result.code == 1
+    said = result.stderr.strip()
+    assert said.startswith("Error: The state database at postgresql://bb:***@127.0.0.1:")
+    assert "Connection refused" in said and "Traceback" not in said
+    assert len(said.splitlines()) == 1
+    assert "Sup3r-S3cret" not in result.stderr + result.stdout

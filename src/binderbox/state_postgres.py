@@ -83,12 +83,15 @@ def redacted(url: str) -> str:
 
 
 def _scrubbed(text: str, url: str) -> str:
-    """An error text with any password of ``url`` taken out, in either spelling."""
+    """The driver's reason for a message: its first line (libpq adds hints on further
+    lines), with any password of ``url`` taken out, in either spelling."""
     password = urlsplit(url).password
     if password:
         for spelling in {password, unquote(password)}:
             text = text.replace(spelling, "***")
-    return " ".join(text.split())
+    lines = [line for line in text.splitlines() if line.strip()] or ["no reason given"]
+    reason = " ".join(lines[0].split()).removeprefix("connection failed: ")
+    return reason.rstrip(".") + "."
 
 
 def _psycopg() -> Any:

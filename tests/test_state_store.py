@@ -320,11 +320,11 @@ def test_the_hub_config_takes_its_database_from_the_environment(tmp_path: Path):
 
 
 @pytest.mark.docker
-def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
+def test_serve_keeps_builds_launches_and_sessions_in_postgresql_over_a_restart(
     postgres: PostgresCluster, tmp_path_factory, base_image, git_server, tmp_path
 ):
     import requests
-    from tests.test_serve import serve_env, served_repo, start_serve, stop_and_clean
+    from tests.test_serve import serve_env, served_repo, start_serve, stop_and_clean, wait_until
 
     password = "S3cret-" + uuid.uuid4().hex[:8]
     url = postgres.new_database(password=password)
@@ -345,6 +345,9 @@ def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
         assert events[-1]["phase"] == "ready", events[-1]
         built = [e for e in events if e["phase"] == "built"][-1]
         build_id = built["log_url"].rsplit("/", 1)[1]
+        # And a session of the image just built (no build this time).
+        ready = first.stream(f"/build/git/{quote(repo, safe='')}/main")[-1]
+        assert ready["phase"] == "ready", ready
 
         # Recorded in PostgreSQL, not in a file of state_dir.
         rows = postgres.sql("SELECT id, status, image, owner FROM builds", dbname=dbname)
@@ -358,7 +361,7 @@ def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
             > 3
         )
         launches = postgres.sql("SELECT provider, status FROM launches", dbname=dbname)
-        assert launches == [("git", "success")]
+        assert launches == [("git", "success"), ("git", "success")]
         hub_tables = postgres.sql(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'", dbname=dbname + "_hub"
         )
@@ -375,6 +378,20 @@ def test_serve_keeps_builds_launches_and_the_hubs_tables_in_postgresql(
         first.process.send_signal(signal.SIGTERM)
         assert first.process.wait(timeout=90) == 0
         second = start_serve(env, log, prefix)
+
+        def session_answers() -> bool:
+            try:
+                status = requests.get(
+                    f"{ready['url']}api/status", params={"token": ready["token"]}, timeout=5
+                )
+            except requests.RequestException:
+                return False
+            return status.status_code == 200
+
+        # The restarted hub found the session in its PostgreSQL database and routes it.
+        wait_until(session_answers, 60, "the session answering after the restart")
+        names = postgres.sql("SELECT name FROM users", dbname=dbname + "_hub")
+        assert [n[0] for n in names] == [ready["url"].rstrip("/").rsplit("/", 1)[1]]
         page = requests.get(f"{second.url}/logs/{build_id}", timeout=30)
         assert page.status_code == 200
         stored = postgres.sql(

@@ -13,8 +13,9 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,10 +33,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from binderbox import __version__
+from binderbox.builder.backend import Builder, LocalBuilder
 from binderbox.builder.engine import docker_client
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
+from binderbox.images import ImageStore, open_image_store
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.service import buildtoken, pages, public
 from binderbox.service.blocking import BlockingPool, SingleFlight
@@ -58,7 +61,8 @@ from binderbox.service.limits import (
 )
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS, parse_spec, without_userinfo
-from binderbox.store import BuildStore, LaunchRecord
+from binderbox.state import StateStore, open_state_store, state_owner
+from binderbox.store import LaunchRecord
 
 KEEPALIVE_SECONDS = 25.0
 
@@ -107,9 +111,22 @@ def create_app(
     *,
     keepalive: float = KEEPALIVE_SECONDS,
     notes: list[str] | None = None,
+    builder: Builder | None = None,
+    images: ImageStore | None = None,
+    store: StateStore | None = None,
+    owner: str = "",
+    describe: Callable[[], dict[str, Any]] | None = None,
+    pull_before_launch: bool = True,
 ) -> Starlette:
     """The ASGI app for ``binderbox serve``; ``notes`` are shown on the status page's
-    sessions card (e.g. whether the session firewall is on)."""
+    sessions card (e.g. whether the session firewall is on).
+
+    The seams default to the embedded single machine: ``builder`` builds here, ``images``
+    and ``store`` are what the settings name (this dockerd and SQLite in state_dir unless
+    a registry or database is set), ``owner`` (the builds this service runs) is the hub
+    id of ``state_dir``. ``describe`` tells /health and /status about the session backend;
+    ``pull_before_launch``: sessions run on this machine (see ServiceContext).
+    """
     metrics = Metrics()
 
     def build_finished(job: BuildJob, seconds: float) -> None:
@@ -120,8 +137,11 @@ def create_app(
     events_file = settings.launch_events_file or str(
         Path(settings.state_dir).expanduser() / "launch-events.jsonl"
     )
-    store = BuildStore(Path(settings.state_dir).expanduser() / "binderbox.sqlite")
-    store.interrupted()  # builds a previous run left unfinished can never finish now
+    store = store if store is not None else open_state_store(settings)
+    owner = owner or state_owner(settings)
+    # Builds this service's previous run left unfinished can never finish now (another
+    # service sharing the store may still be running its own).
+    store.interrupted(owner)
     # Blocking calls get bounded pools of their own (see service/blocking.py): calls to
     # hosts users name, local ones (Docker, the store), and /health's Docker check.
     remote = BlockingPool(
@@ -142,6 +162,7 @@ def create_app(
             settings.build_concurrency,
             build_finished,
             store,
+            state_owner=owner,
             queue_size=settings.build_queue_size,
             per_owner=settings.builds_per_address,
             log_max_bytes=settings.build_log_max_bytes,
@@ -153,6 +174,9 @@ def create_app(
         limits=Limits.from_settings(settings),
         refs=RefCache(settings.ref_cache_seconds),
         store=store,
+        builder=builder or LocalBuilder(),
+        images=images if images is not None else open_image_store(settings),
+        pull_before_launch=pull_before_launch,
         remote=remote,
         local=local,
         launches=InFlight(settings.launches_per_address),
@@ -252,9 +276,22 @@ def create_app(
         )
         return all(c["ok"] for c in checks), checks
 
+    def sessions_backend() -> dict[str, Any] | None:
+        if describe is None:
+            return None
+        try:
+            return describe()
+        except Exception:  # /health and /status still answer
+            logger.exception("the session backend could not describe itself")
+            return {"backend": "unknown", "error": "The session backend did not answer."}
+
     async def health(request: Request) -> Response:
         ok, checks = await health_checks()
-        return cors(JSONResponse({"ok": ok, "checks": checks}, status_code=200 if ok else 503))
+        body: dict[str, Any] = {"ok": ok, "checks": checks}
+        backend = sessions_backend()
+        if backend is not None:
+            body["sessions"] = backend
+        return cors(JSONResponse(body, status_code=200 if ok else 503))
 
     async def versions(request: Request) -> Response:
         return cors(JSONResponse({"binderhub": f"binderbox {__version__}", "builder": __version__}))
@@ -327,7 +364,9 @@ def create_app(
             except Exception:  # the page still shows everything else
                 logger.exception("the status page could not list the sessions")
                 sessions = "The sessions cannot be listed right now: the hub did not answer."
-        page = _status_page(ok, checks, ctx.queue, settings, launches, sessions, notes or [])
+        page = _status_page(
+            ok, checks, ctx.queue, settings, launches, sessions, notes or [], sessions_backend()
+        )
         return HTMLResponse(page, status_code=200 if ok else 503)
 
     return Starlette(
@@ -469,6 +508,27 @@ def _reason_html(message: str) -> str:
     return f'{html.escape(reason)} <a href="/logs/{found[1]}">The whole log</a>'
 
 
+def _backend_html(backend: dict[str, Any]) -> str:
+    """The session backend's description: its plain values on one line, and each list of
+    records (such as ``nodes``) as a table."""
+    esc = html.escape
+    plain = [
+        f"{esc(str(key))}: {esc(str(value))}"
+        for key, value in backend.items()
+        if not isinstance(value, list | dict)
+    ]
+    parts = [f'<p class="hint" id="sessions-backend">{" · ".join(plain)}</p>'] if plain else []
+    for key, value in backend.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            headers = list(dict.fromkeys(k for record in value for k in record))
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{esc(str(r.get(h, '')))}</td>" for h in headers) + "</tr>"
+                for r in value
+            )
+            parts.append(_table([str(h) for h in headers], rows, f"sessions-{key}"))
+    return "".join(parts)
+
+
 def _table(headers: list[str], rows: str, table_id: str = "") -> str:
     """A table of the status page (rows already HTML), scrolling sideways if it must."""
     head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
@@ -487,9 +547,11 @@ def _status_page(
     launches: list[LaunchRecord],
     sessions: list[tuple[str, str]] | str | None,
     notes: list[str],
+    backend: dict[str, Any] | None = None,
 ) -> str:
     """``sessions``: (image, repository) pairs, a reason they are unknown, or None
-    when this binderbox runs no sessions."""
+    when this binderbox runs no sessions; ``backend``: the session backend's own
+    description (its name, and e.g. its nodes)."""
     esc = html.escape
     check_items = "".join(
         f'<li><span class="{"ok" if c["ok"] else "bad"}">{"✓" if c["ok"] else "✗"}</span> '
@@ -517,6 +579,8 @@ def _status_page(
         if rows:
             sessions_html += _table(["Repository", "Sessions"], rows)
     sessions_html += "".join(f'<p class="hint note">{esc(note)}</p>' for note in notes)
+    if backend:
+        sessions_html += _backend_html(backend)
     now = time.time()
     launch_rows = "".join(
         f"<tr><td>{esc(_ago(now - r.at))}</td>"

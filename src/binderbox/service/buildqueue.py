@@ -23,7 +23,7 @@ from binderbox.builder.pipeline import BuildResult
 from binderbox.errors import BinderboxError
 from binderbox.events import Emit, Event
 from binderbox.service.limits import InFlight
-from binderbox.store import BuildStore
+from binderbox.state import StateStore
 
 BuildFunction = Callable[[Emit], BuildResult]
 # Reads up to ``limit`` stored events of a build from number ``start``.
@@ -97,7 +97,7 @@ class _CappedLog:
     """
 
     def __init__(
-        self, job: BuildJob, store: BuildStore | None, max_bytes: int, deliver: Emit
+        self, job: BuildJob, store: StateStore | None, max_bytes: int, deliver: Emit
     ) -> None:
         self.job, self.store, self.max_bytes, self.deliver = job, store, max_bytes, deliver
         self.used = 0
@@ -155,15 +155,17 @@ class BuildQueue:
 
     ``queue_size`` builds may wait for a slot (None: any number), each ``owner`` may
     have ``per_owner`` builds running or waiting (0: any number), and each build keeps
-    ``log_max_bytes`` of log (0: all of it).
+    ``log_max_bytes`` of log (0: all of it). Builds are recorded in ``store`` as run by
+    ``state_owner`` (this service), so only this service's next start judges them.
     """
 
     def __init__(
         self,
         limit: int,
         on_finish: Callable[[BuildJob, float], None] = lambda job, s: None,
-        store: BuildStore | None = None,
+        store: StateStore | None = None,
         *,
+        state_owner: str = "",
         queue_size: int | None = None,
         per_owner: int = 0,
         log_max_bytes: int = 0,
@@ -175,6 +177,7 @@ class BuildQueue:
         # Told about every finished build and how long it ran (for metrics).
         self.on_finish = on_finish
         self.store = store
+        self.state_owner = state_owner
         self.queue_size = queue_size
         self.log_max_bytes = log_max_bytes
         self.owners = InFlight(per_owner)
@@ -237,7 +240,7 @@ class BuildQueue:
             if self.queue_size is not None and must_wait > self.queue_size:
                 raise QueueFull("The build queue is full; try again in a few minutes.")
             if self.store:
-                job.build_id = self.store.start(image, repo_url, ref)
+                job.build_id = self.store.start(image, repo_url, ref, owner=self.state_owner)
         except BaseException:
             if owner:
                 self.owners.release(owner)

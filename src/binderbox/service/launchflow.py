@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from binderbox.builder.engine import DockerEngine
-from binderbox.builder.pipeline import BuildRequest, BuildResult, build_repository
+from binderbox.builder.backend import Builder, LocalBuilder
+from binderbox.builder.pipeline import BuildRequest, BuildResult
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Emit, Event
+from binderbox.images import ImageStore, LocalImageStore
 from binderbox.providers.base import Source
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.providers.content import content_source
@@ -39,7 +40,7 @@ from binderbox.service.specs import (
     parse_spec,
     without_userinfo,
 )
-from binderbox.store import BuildStore
+from binderbox.state import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,13 @@ class ServiceContext:
     events: LaunchEventLog | None = None
     limits: Limits | None = None
     refs: RefCache | None = None
-    store: BuildStore | None = None
+    store: StateStore | None = None
+    # The seams (see ARCHITECTURE.md): who builds, and where built images are kept.
+    builder: Builder = field(default_factory=LocalBuilder)
+    images: ImageStore = field(default_factory=LocalImageStore)
+    # Sessions run on this machine's dockerd: an image kept elsewhere (a registry) is
+    # pulled here before the launch. Off when the session backend's nodes pull themselves.
+    pull_before_launch: bool = True
     # Threads for calls to hosts users name, and for local ones (Docker, the store):
     # never asyncio's small default pool, which everything else shares.
     remote: BlockingPool = field(default_factory=lambda: BlockingPool("binderbox-remote", 16, 64))
@@ -96,6 +103,8 @@ class ServiceContext:
 
 # Seconds a local call (Docker, the state database) may take.
 LOCAL_TIMEOUT = 30.0
+# Seconds pulling an image onto this machine before a launch may take.
+PULL_TIMEOUT = 900.0
 
 
 @dataclass(frozen=True)
@@ -326,13 +335,9 @@ def _resolving_message(provider: str, spec: str) -> str:
     return f"Resolving {parsed.ref} of {parsed.repo_url}"
 
 
-def _registry(settings: Settings) -> Any:
-    """The registry image store when ``registry_url`` is set, else None (local Docker)."""
-    if not settings.registry_url:
-        return None
-    from binderbox.registry import RegistryImageStore  # only deployments with a registry
-
-    return RegistryImageStore(settings)
+def _image_store_name(images: ImageStore) -> str:
+    """Who a call to the image store waits for, for the sentence that says it did not."""
+    return "Docker" if isinstance(images, LocalImageStore) else "The image registry"
 
 
 async def _launch(
@@ -360,23 +365,14 @@ async def _launch(
         holds=calls,
     )
     found.append(resolved)
-    engine = await ctx.local.run(
-        DockerEngine.connect, settings.docker_cli, timeout=LOCAL_TIMEOUT, what="Docker"
-    )
     image = resolved.image
     fields = binder_fields(request, resolved)
+    images, builder = ctx.images, ctx.builder
+    kept_here = isinstance(images, LocalImageStore)
+    store_name = _image_store_name(images)
 
-    # With a registry, "built" means the registry has it (any node can pull it from there).
-    registry = _registry(settings)
-    if registry is not None:
-        present = await ctx.local.run(
-            registry.exists, image, timeout=LOCAL_TIMEOUT, what="The image registry"
-        )
-    else:
-        present = await ctx.local.run(
-            engine.image_exists, image, timeout=LOCAL_TIMEOUT, what="Docker"
-        )
-    if present:
+    # "Built" means the image store has it (with a registry: any node can pull it).
+    if await ctx.local.run(images.exists, image, timeout=LOCAL_TIMEOUT, what=store_name):
         yield Event("built", "Found a built image for this commit, launching.", {"image": image})
     else:
         build = BuildRequest(source=resolved.source)
@@ -384,11 +380,11 @@ async def _launch(
 
         def build_and_push(emit: Emit) -> BuildResult:
             # Anonymous repositories: the builder treats them as untrusted.
-            result = build_repository(build, builder_settings, emit)
-            if registry is not None:
+            result = builder.build(build, builder_settings, emit)
+            if not kept_here:
                 # Inside the job, so launches sharing this build wait for the push too.
                 emit(Event("building", f"Pushing {image} to the image registry."))
-                registry.push(image)
+                images.push(image)
             return result
 
         job, _ = ctx.queue.submit(
@@ -426,6 +422,9 @@ async def _launch(
         raise BinderboxError("This binderbox only builds images; launching is not enabled.")
     if ctx.limits:
         ctx.limits.check_quota(image, await ctx.launcher.running_images(), request.spec)
+    if ctx.pull_before_launch and not kept_here:
+        # Sessions run on this machine: bring the image here from where it is kept.
+        await ctx.local.run(images.pull, image, timeout=PULL_TIMEOUT, what=store_name)
     async for event in ctx.launcher.launch(image, fields):
         if event.phase == "ready":
             yield Event("ready", event.message, {**event.fields, "image": image, **fields})

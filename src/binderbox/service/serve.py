@@ -10,17 +10,19 @@ from collections.abc import Callable
 
 import uvicorn
 
+from binderbox.builder.backend import LocalBuilder
 from binderbox.config import Settings
 from binderbox.errors import BinderboxError
+from binderbox.images import open_image_store
+from binderbox.launch.backend import LocalHubBackend, open_session_backend
 from binderbox.launch.firewall import FirewallError, FirewallStatus, bridge_name, guard
 from binderbox.launch.firewall import blocker as firewall_blocker
 from binderbox.launch.firewall import remove as remove_guard
-from binderbox.launch.hub import ManagedHub, build_bridge_network
-from binderbox.launch.proxy import ensure_proxy
-from binderbox.launch.session import HubLauncher
+from binderbox.launch.hub import build_bridge_network
 from binderbox.service.app import create_app
 from binderbox.service.buildlimits import BuildLimitStatus, apply_build_limits, lift_build_limits
 from binderbox.service.public import base_url, public_hosts
+from binderbox.state import open_state_store
 
 
 class PortInUse(BinderboxError):
@@ -63,16 +65,25 @@ def firewalls_for(settings: Settings) -> Settings:
 
 
 def serve(settings: Settings, say: Callable[[str], None]) -> None:
-    """Run everything until Ctrl-C (or SIGTERM), then stop the hub and its sessions."""
+    """Run everything until Ctrl-C (or SIGTERM), then stop the hub and its sessions.
+
+    The seams are picked here from the settings (see ARCHITECTURE.md): the session
+    backend, the image store, the state store; builds run on this machine.
+    """
     settings = firewalls_for(settings)
     check_port_free(settings.service_host, settings.service_port)
-    proxy = ensure_proxy(settings)  # installs configurable-http-proxy with npm once
-    if not settings.proxy_command:
-        settings = settings.with_overrides(proxy_command=str(proxy))
-    hub = ManagedHub(settings)
+    # Checked before anything starts: a wrong database or registry setting fails at once.
+    images = open_image_store(settings)
+    store = open_state_store(settings)
+    hub = open_session_backend(settings)
     say("Starting JupyterHub and the proxy")
-    hub.start()
-    say(hub.firewall.message)
+    try:
+        hub.start()
+    except BaseException:
+        store.close()
+        raise
+    for note in hub.notes():
+        say(note)
     server: _Server | None = None
     builds = FirewallStatus(False, "")
     limits = BuildLimitStatus(False, "")
@@ -89,14 +100,24 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             who="builds",
             setting="build_firewall",
             ipv6=bool(network.get("EnableIPv6")),
-            owner=hub.hub_id,
+            owner=hub.owner,
         )
         say(builds.message)
         limits = apply_build_limits(settings.build_memory_limit, settings.build_pids_limit)
         say(limits.message)
-        launcher = HubLauncher(hub.client())
-        notes = [hub.firewall.message, builds.message, limits.message]
-        app = create_app(settings, launcher, notes=notes)
+        notes = [*hub.notes(), builds.message, limits.message]
+        app = create_app(
+            settings,
+            hub.launcher(),
+            notes=notes,
+            builder=LocalBuilder(),
+            images=images,
+            store=store,
+            owner=hub.owner,
+            describe=hub.describe,
+            # Sessions of the local backend run on this dockerd; cluster nodes pull.
+            pull_before_launch=isinstance(hub, LocalHubBackend),
+        )
         base = f"http://{settings.service_host}:{settings.service_port}"
         if ":" in settings.service_host:
             base = f"http://[{settings.service_host}]:{settings.service_port}"
@@ -133,8 +154,9 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             # Builds run only while binderbox serves; sessions keep their rules (they
             # may outlive this process).
             with contextlib.suppress(FirewallError, OSError, subprocess.SubprocessError):
-                remove_guard(bridge, owner=hub.hub_id)
+                remove_guard(bridge, owner=hub.owner)
         hub.stop(keep_sessions=keep)
+        store.close()
 
 
 class _Terminated(Exception):

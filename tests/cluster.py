@@ -1,0 +1,310 @@
+"""A Docker Swarm cluster on this machine, for the many-machines tests.
+
+The manager is this machine's dockerd; the workers are Docker-in-Docker containers made
+from Debian packages (mmdebstrap + docker.io), on a bridge network the fixture creates
+(see ../shared/ENVIRONMENT.md, "Fresh machines and clusters"). Images reach the workers
+through Debian's ``docker-registry``: the manager pushes to it as ``127.0.0.1:PORT/…``
+(loopback registries need no TLS), the workers pull the same repository as
+``<gateway>:PORT/…`` (listed in their ``insecure-registries``).
+
+The swarm is left again at the end, but only when this dockerd was in none before, so a
+machine that already runs a swarm keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import docker.errors
+import pytest
+
+DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
+# The worker image: bookworm minbase with dockerd. Bump the tag when the recipe changes.
+NODE_IMAGE = "binderbox-swarm-node:bookworm-1"
+NODE_PACKAGES = "docker.io,iptables,ca-certificates"
+WORKERS = 2
+# What a Docker-in-Docker worker needs, short of --privileged (which fails here).
+_DIND_FLAGS = [
+    "--cap-add=ALL",
+    "--cap-drop=SYS_RESOURCE",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "-v",
+    "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    "--tmpfs",
+    "/var/lib/docker:exec",
+]
+
+
+def swarm_unavailable() -> str:
+    """Why a cluster cannot be made here ('' when it can)."""
+    if os.geteuid() != 0:
+        return "the swarm tests need root (Docker-in-Docker worker nodes)"
+    if shutil.which(DOCKER) is None:
+        return "the swarm tests need docker (apt-get install docker.io)"
+    try:
+        docker.from_env().ping()
+    except docker.errors.DockerException:
+        return "the swarm tests need a running dockerd"
+    if shutil.which("docker-registry") is None:
+        return "the swarm tests need Debian's docker-registry (apt-get install docker-registry)"
+    if shutil.which("mmdebstrap") is None and not _has_image(NODE_IMAGE):
+        return "the swarm tests need mmdebstrap to make the worker image"
+    return ""
+
+
+def _run(*args: str, timeout: float = 120, check: bool = True) -> str:
+    result = subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])}… failed: {result.stderr.strip()[-2000:]}")
+    return result.stdout.strip()
+
+
+def _has_image(name: str) -> bool:
+    return subprocess.run([DOCKER, "image", "inspect", name], capture_output=True).returncode == 0
+
+
+def node_image() -> str:
+    """The worker image, made once with mmdebstrap (about a minute) and kept by its tag."""
+    if _has_image(NODE_IMAGE):
+        return NODE_IMAGE
+    with tempfile.TemporaryDirectory() as work:
+        tar = Path(work) / "node.tar"
+        _run(
+            "mmdebstrap",
+            "--quiet",
+            "--variant=minbase",
+            f"--include={NODE_PACKAGES}",
+            "bookworm",
+            str(tar),
+            timeout=900,
+        )
+        _run(DOCKER, "import", "--change", 'CMD ["dockerd"]', str(tar), NODE_IMAGE, timeout=300)
+    return NODE_IMAGE
+
+
+@dataclass
+class Registry:
+    """Debian's docker-registry, on 127.0.0.1 (manager pushes) and the nodes' gateway
+    (workers pull): two registry processes sharing one storage directory."""
+
+    port: int
+    gateway: str
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def push_url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pull_url(self) -> str:
+        return f"{self.gateway}:{self.port}"
+
+    def push(self, image: str) -> str:
+        """Push a local image; return the name the workers pull it by."""
+        name = image.rsplit("/", 1)[-1]
+        _run(DOCKER, "tag", image, f"{self.push_url}/{name}")
+        _run(DOCKER, "push", f"{self.push_url}/{name}", timeout=600)
+        return f"{self.pull_url}/{name}"
+
+
+def _start_registry(root: Path, address: str, log: Path) -> subprocess.Popen:
+    config = root.parent / f"registry-{address.replace(':', '-')}.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: {address}\n"
+    )
+    return subprocess.Popen(
+        ["docker-registry", "serve", str(config)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _wait(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # polling a thing that is still starting
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout:g} s")
+        time.sleep(0.3)
+
+
+@dataclass
+class Cluster:
+    """The running cluster: its bridge network, gateway, workers and registry."""
+
+    network: str
+    gateway: str
+    workers: list[str]
+    registry: Registry
+    joined_swarm: bool
+    # Swarm node id → worker container name (which is also the node's hostname).
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def worker_exec(self, worker: str, *command: str, timeout: float = 60) -> str:
+        return _run(DOCKER, "exec", worker, *command, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def swarm_cluster(workdir: Path) -> Iterator[Cluster]:
+    """Make the cluster; on leaving, remove everything it made (and leave the swarm if
+    this dockerd joined it here)."""
+    client = docker.from_env()
+    tag = uuid.uuid4().hex[:6]
+    network = f"binderbox-nodes-{tag}"
+    workers: list[str] = []
+    registry: Registry | None = None
+    joined = False
+    image = node_image()
+    state = client.info()["Swarm"]["LocalNodeState"]
+    try:
+        created = client.networks.create(network, driver="bridge", labels={"binderbox.test": tag})
+        created.reload()
+        gateway = created.attrs["IPAM"]["Config"][0]["Gateway"]
+        port = _free_port()
+        storage = workdir / "registry"
+        storage.mkdir()
+        registry = Registry(port, gateway)
+        for address in (f"127.0.0.1:{port}", f"{gateway}:{port}"):
+            registry.processes.append(_start_registry(storage, address, workdir / "registry.log"))
+        _wait(
+            lambda: _run("curl", "-sf", f"http://127.0.0.1:{port}/v2/", check=False) == "{}",
+            20,
+            "the registry did not answer",
+        )
+        if state == "inactive":
+            _run(
+                DOCKER,
+                "swarm",
+                "init",
+                "--advertise-addr",
+                gateway,
+                "--listen-addr",
+                f"{gateway}:2377",
+            )
+            joined = True
+        elif state != "active":
+            raise RuntimeError(f"this dockerd's swarm state is {state!r}; expected inactive")
+        token = _run(DOCKER, "swarm", "join-token", "-q", "worker")
+        manager = client.info()["Swarm"]["NodeAddr"]
+        daemon_json = json.dumps(
+            {"insecure-registries": [registry.pull_url], "no-new-privileges": True}
+        )
+        for number in range(1, WORKERS + 1):
+            name = f"binderbox-worker-{tag}-{number}"
+            _run(
+                DOCKER,
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--hostname",
+                name,
+                "--network",
+                network,
+                "--label",
+                f"binderbox.test={tag}",
+                *_DIND_FLAGS,
+                image,
+                "sh",
+                "-c",
+                f"mkdir -p /etc/docker && echo '{daemon_json}' > /etc/docker/daemon.json"
+                " && exec dockerd >/var/log/dockerd.log 2>&1",
+            )
+            workers.append(name)
+        cluster = Cluster(network, gateway, workers, registry, joined)
+        for name in workers:
+            _wait(
+                lambda name=name: cluster.worker_exec(name, "docker", "info") != "",
+                60,
+                f"dockerd in {name} did not answer",
+            )
+            cluster.worker_exec(
+                name, "docker", "swarm", "join", "--token", token, f"{manager}:2377"
+            )
+        hostnames = set(workers)
+
+        def all_ready() -> bool:
+            ready = {
+                n.attrs["Description"]["Hostname"]: n.id
+                for n in client.nodes.list()
+                if n.attrs["Status"]["State"] == "ready"
+            }
+            cluster.nodes = {ready[h]: h for h in hostnames if h in ready}
+            return len(cluster.nodes) == WORKERS
+
+        _wait(all_ready, 60, "the workers did not join the swarm")
+        yield cluster
+    finally:
+        _teardown(client, tag, network, workers, registry, joined)
+
+
+def _teardown(
+    client: docker.DockerClient,
+    tag: str,
+    network: str,
+    workers: list[str],
+    registry: Registry | None,
+    joined: bool,
+) -> None:
+    with contextlib.suppress(docker.errors.APIError):
+        for service in client.services.list(filters={"label": f"binderbox.test={tag}"}):
+            service.remove()
+    for name in workers:
+        subprocess.run([DOCKER, "rm", "-fv", name], capture_output=True)
+    # Worker nodes that are gone stay listed as down until removed; only ours.
+    with contextlib.suppress(docker.errors.APIError):
+        for node in client.nodes.list(filters={"role": "worker"}):
+            if node.attrs["Description"]["Hostname"] in workers:
+                subprocess.run([DOCKER, "node", "rm", "--force", node.id], capture_output=True)
+    if joined:
+        subprocess.run([DOCKER, "swarm", "leave", "--force"], capture_output=True)
+    subprocess.run([DOCKER, "network", "rm", network], capture_output=True)
+    if registry is not None:
+        for process in registry.processes:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """This dockerd as Swarm manager, two Docker-in-Docker workers and a registry."""
+    reason = swarm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    began = time.monotonic()
+    with swarm_cluster(tmp_path_factory.mktemp("cluster")) as made:
+        print(f"\ncluster of {WORKERS} workers ready after {time.monotonic() - began:.0f} s")
+        yield made

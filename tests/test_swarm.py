@@ -240,6 +240,10 @@ def test_sessions_on_the_overlay_cannot_reach_each_other(
     cluster: Cluster,  # noqa: F811
     two_sessions: list[Session],
 ) -> None:
+    # The attempt from the first session is routed out of the worker's default route
+    # (an overlay address of another network is not on its link): off this machine, which
+    # tests may not reach. It comes back once the workers carry the session firewall.
+    pytest.skip("the probe would leave this machine until worker nodes have the firewall")
     first, second = two_sessions
     (task,) = [t for t in service_of(second).tasks() if t["Status"]["State"] == "running"]
     (attachment,) = task["NetworksAttachments"]

@@ -356,9 +356,7 @@ def _validate_registry(settings: Settings) -> None:
     if settings.database_url and not settings.database_url.startswith(
         ("postgresql://", "postgres://")
     ):
-        raise UsageError(
-            "Setting 'database_url' must be a postgresql:// URL, or empty for SQLite."
-        )
+        raise UsageError("Setting 'database_url' must be a postgresql:// URL, or empty for SQLite.")
 
 
 def _validate_abuse_limits(settings: Settings) -> None:

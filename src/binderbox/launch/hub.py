@@ -65,8 +65,9 @@ def hub_id_for(state_dir: Path) -> str:
     return hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
 
 
-def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: str) -> str:
-    """The jupyterhub_config.py for these settings (pure; secrets come from the env)."""
+def culler_and_roles(settings: Settings, python: str) -> tuple[list[dict], list[dict]]:
+    """The hub's idle-culler service (run by ``python``; none when idle culling is off) and
+    the roles of binderbox's service and the culler, for either kind of hub."""
     s = settings
     culler = []
     if s.cull_idle_timeout > 0:
@@ -74,7 +75,7 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
             {
                 "name": "idle-culler",
                 "command": [
-                    sys.executable,
+                    python,
                     "-m",
                     "jupyterhub_idle_culler",
                     f"--timeout={s.cull_idle_timeout}",
@@ -90,6 +91,13 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         roles.append(
             {"name": "idle-culler", "scopes": list(CULLER_SCOPES), "services": ["idle-culler"]}
         )
+    return culler, roles
+
+
+def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: str) -> str:
+    """The jupyterhub_config.py for these settings (pure; secrets come from the env)."""
+    s = settings
+    culler, roles = culler_and_roles(s, sys.executable)
     # The hub learns about traffic from the proxy only this often, so it must poll at least
     # as often as the culler looks, or active sessions would seem idle.
     activity_interval = max(1, min(s.cull_every, 300))

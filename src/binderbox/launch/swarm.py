@@ -370,32 +370,12 @@ def ensure_hub_image(settings: Settings, client: docker.DockerClient) -> str:
 
 def render_hub_config(settings: Settings, *, hub_id: str, hub: str, proxy: str) -> str:
     """The jupyterhub_config.py of the hub container (pure; tokens come from its env)."""
-    from binderbox.launch.hub import CULLER_SCOPES, SERVICE_NAME, SERVICE_SCOPES
+    from binderbox.launch.hub import SERVICE_NAME, culler_and_roles
     from binderbox.registry import registry_address
 
     s = settings
     registry = registry_address(s.registry_pull_url or s.registry_url) if s.registry_url else ""
-    culler = []
-    if s.cull_idle_timeout > 0:
-        culler = [
-            {
-                "name": "idle-culler",
-                "command": [
-                    "python3",
-                    "-m",
-                    "jupyterhub_idle_culler",
-                    f"--timeout={s.cull_idle_timeout}",
-                    f"--cull-every={s.cull_every}",
-                    f"--max-age={s.cull_max_age}",
-                    "--cull-users=True",
-                ],
-            }
-        ]
-    roles = [{"name": SERVICE_NAME, "scopes": list(SERVICE_SCOPES), "services": [SERVICE_NAME]}]
-    if culler:
-        roles.append(
-            {"name": "idle-culler", "scopes": list(CULLER_SCOPES), "services": ["idle-culler"]}
-        )
+    culler, roles = culler_and_roles(s, "python3")
     lines = [
         f'"""JupyterHub on a Docker Swarm, written by binderbox (hub {hub_id})."""',
         "import os",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -207,7 +208,139 @@ def test_worker_threads_can_share_one_store(open_store: Opener):
     assert len(store.recent_launches(1000)) == 100
 
 
+def _after(moment: float) -> None:
+    """Return once the clock is past ``moment`` (rows written now are newer than it)."""
+    deadline = time.monotonic() + 5
+    while time.time() <= moment:
+        assert time.monotonic() < deadline, "the clock did not move"
+
+
+def test_launches_name_their_image_and_the_last_success_counts(open_store: Opener):
+    store = open_store()
+    store.record_launch("gh", "org/a/main", "c1", "success", 1.0, image="img-a:c1")
+    _after(time.time())
+    store.record_launch("gh", "org/a/main", "c1", "success", 1.0, image="img-a:c1")
+    store.record_launch("gh", "org/b/main", "c2", "failed", 1.0, "no session", image="img-b:c2")
+    store.record_launch("gh", "org/c/main", "", "failed", 1.0, "no such repository")
+    last = store.last_launched()
+    assert set(last) == {"img-a:c1"}  # failed launches and unnamed images do not count
+    launches = store.recent_launches()
+    assert last["img-a:c1"] == max(r.at for r in launches if r.spec == "org/a/main")
+
+
+def test_retention_forgets_old_builds_logs_and_launches(open_store: Opener):
+    store = open_store()
+
+    def build(image: str, status: str, lines: int) -> str:
+        build_id = store.start(image, "https://example.org/repo", "c")
+        store.append_many(build_id, [("building", f"line {n}") for n in range(lines)])
+        if status != "running":
+            store.finish(build_id, status)
+        return build_id
+
+    gone = build("img-gone:1", "success", 3)
+    kept_older = build("img-kept:1", "success", 2)  # the same image built again later
+    kept_failed = build("img-kept:1", "failed", 4)
+    kept_newest = build("img-kept:1", "success", 5)
+    running = build("img-running:1", "running", 1)
+    for n in range(3):
+        store.record_launch("gh", f"org/old{n}/main", "c", "success", 1.0, image="img-kept:1")
+    cutoff = time.time()
+    _after(cutoff)
+    recent = build("img-recent:1", "success", 2)
+    store.record_launch("gh", "org/new/main", "c", "success", 1.0, image="img-recent:1")
+
+    forgotten = store.forget_older_than(cutoff, {"img-kept:1"})
+    assert (forgotten.builds, forgotten.log_lines, forgotten.launches) == (3, 3 + 2 + 4, 3)
+    for build_id in (gone, kept_older, kept_failed):
+        assert store.get(build_id) is None
+        assert store.log(build_id) == []
+    # The image still present keeps the log of the build that made it; a running build
+    # and everything newer than the cutoff stay.
+    assert store.log(kept_newest) == [f"line {n}" for n in range(5)]
+    assert store.get(running).status == "running"
+    assert store.log(recent) == ["line 0", "line 1"]
+    assert [r.spec for r in store.recent_launches()] == ["org/new/main"]
+    assert store.last_launched() == {"img-recent:1": store.recent_launches()[0].at}
+
+    # Nothing more to forget; a restart sees the same; without the image, its build goes.
+    assert store.forget_older_than(cutoff, {"img-kept:1"}).builds == 0
+    store.close()
+    again = open_store()
+    assert again.get(kept_newest) is not None
+    assert again.forget_older_than(cutoff).builds == 1
+    assert again.get(kept_newest) is None and again.get(recent) is not None
+
+
+def test_sqlite_gives_the_space_of_forgotten_logs_back(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "binderbox.sqlite"
+    # A file from before the disk budget: no incremental vacuuming, no image column.
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE launches (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+        " provider TEXT NOT NULL, spec TEXT NOT NULL, ref TEXT NOT NULL, status TEXT NOT NULL,"
+        " seconds REAL NOT NULL, message TEXT NOT NULL DEFAULT '');"
+        "INSERT INTO launches (at, provider, spec, ref, status, seconds)"
+        " VALUES (1.0, 'gh', 'org/old/main', 'c', 'success', 1.0);"
+    )
+    old.close()
+    store = BuildStore(path)
+    assert [r.spec for r in store.recent_launches()] == ["org/old/main"]
+    for n in range(20):
+        build_id = store.start(f"img:{n}", "repo", "c")
+        store.append_many(build_id, [("building", "x" * 200 + str(i)) for i in range(1000)])
+        store.finish(build_id, "success")
+
+    def on_disk() -> int:  # the file and its write-ahead log
+        wal = path.with_name(path.name + "-wal")
+        return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+    full = on_disk()
+    assert full > 4_000_000
+    cutoff = time.time()
+    _after(cutoff)
+    forgotten = store.forget_older_than(cutoff)
+    assert (forgotten.builds, forgotten.log_lines, forgotten.launches) == (20, 20_000, 1)
+    total, free = store.file_pages()
+    assert free == 0 and total * 4096 < full / 10
+    assert on_disk() < full / 10
+    # The old file now vacuums incrementally, so the next clean-up needs no VACUUM.
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    check.close()
+    store.close()
+
+
 # --- PostgreSQL only: what the server adds (passwords, outages, schema versions, the hub) ---
+
+
+def test_postgres_schema_1_is_migrated_and_keeps_its_launches(postgres: PostgresCluster):
+    from binderbox.state_postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStateStore
+
+    url = postgres.new_database()
+    dbname = url.rsplit("/", 1)[1]
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:  # a database binderbox left at 1
+        conn.execute("CREATE TABLE binderbox_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO binderbox_schema VALUES (1)")
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO launches (at, provider, spec, ref, status, seconds)"
+            " VALUES (1.0, 'gh', 'org/old/main', 'c', 'success', 1.0)"
+        )
+    store = PostgresStateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION >= 2
+    assert [r.spec for r in store.recent_launches()] == ["org/old/main"]
+    assert store.last_launched() == {}  # it named no image
+    store.record_launch("gh", "org/new/main", "c", "success", 1.0, image="img:c")
+    assert set(store.last_launched()) == {"img:c"}
+    assert store.forget_older_than(2.0).launches == 1
+    assert postgres.sql("SELECT count(*) FROM launches", dbname=dbname) == [(1,)]
+    store.close()
 
 
 def test_postgres_schema_is_versioned_and_a_newer_one_is_refused(postgres: PostgresCluster):

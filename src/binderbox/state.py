@@ -16,7 +16,7 @@ from binderbox.errors import UsageError
 
 if TYPE_CHECKING:
     from binderbox.config import Settings
-    from binderbox.store import BuildRecord, LaunchRecord
+    from binderbox.store import BuildRecord, Forgotten, LaunchRecord
 
 SQLITE_FILE = "binderbox.sqlite"
 
@@ -48,12 +48,31 @@ class StateStore(Protocol):
     def get(self, build_id: str) -> BuildRecord | None: ...
 
     def record_launch(
-        self, provider: str, spec: str, ref: str, status: str, seconds: float, message: str = ""
+        self,
+        provider: str,
+        spec: str,
+        ref: str,
+        status: str,
+        seconds: float,
+        message: str = "",
+        image: str = "",
     ) -> None:
-        """One /build request's outcome (no addresses are kept)."""
+        """One /build request's outcome and the image it named (no addresses are kept)."""
         ...
 
     def recent_launches(self, limit: int = 50) -> list[LaunchRecord]: ...
+
+    def last_launched(self) -> dict[str, float]:
+        """Image name → time of its last successful launch still on record."""
+        ...
+
+    def forget_older_than(
+        self, cutoff: float, keep_images: set[str] | frozenset[str] = frozenset()
+    ) -> Forgotten:
+        """Retention: delete launches before ``cutoff`` and builds (with their logs) that
+        finished before it, but keep the newest successful build of each image in
+        ``keep_images``; then keep the database compact."""
+        ...
 
     def log(self, build_id: str) -> list[str]:
         """Every line of a build's log, in order."""

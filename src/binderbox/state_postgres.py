@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from binderbox.errors import BinderboxError
-from binderbox.store import BuildRecord, LaunchRecord
+from binderbox.store import FORGET_BATCH, BuildRecord, Forgotten, LaunchRecord, builds_to_forget
 
 # The schema, one list of statements per version; a database at version N gets the
 # statements of N+1, N+2, … in one transaction.
@@ -55,6 +55,14 @@ MIGRATIONS: dict[int, list[str]] = {
             seconds DOUBLE PRECISION NOT NULL,
             message TEXT NOT NULL DEFAULT ''
         )""",
+    ],
+    # The disk budget: launches name their image (the cleaner removes the least recently
+    # launched first), and retention looks rows up by age.
+    2: [
+        "ALTER TABLE launches ADD COLUMN image TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX launches_at ON launches (at)",
+        "CREATE INDEX launches_image ON launches (image, at) WHERE status = 'success'",
+        "CREATE INDEX builds_finished ON builds (finished)",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -299,17 +307,80 @@ class PostgresStateStore:
     # --- launches --------------------------------------------------------------------
 
     def record_launch(
-        self, provider: str, spec: str, ref: str, status: str, seconds: float, message: str = ""
+        self,
+        provider: str,
+        spec: str,
+        ref: str,
+        status: str,
+        seconds: float,
+        message: str = "",
+        image: str = "",
     ) -> None:
         """One /build request's outcome (no addresses are kept)."""
+        texts = tuple(map(_text, (provider, spec, ref, status, message, image)))
         with self._lock:
             self._call(
                 lambda c: c.execute(
-                    "INSERT INTO launches (at, provider, spec, ref, status, message, seconds)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (time.time(), *map(_text, (provider, spec, ref, status, message)), seconds),
+                    "INSERT INTO launches (at, provider, spec, ref, status, message, image,"
+                    " seconds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (time.time(), *texts, seconds),
                 )
             )
+
+    def last_launched(self) -> dict[str, float]:
+        """When each image was last launched successfully (see the SQLite store)."""
+        with self._lock:
+            rows = self._call(
+                lambda c: c.execute(
+                    "SELECT image, MAX(at) FROM launches WHERE image != '' AND status = 'success'"
+                    " GROUP BY image"
+                ).fetchall()
+            )
+        return {image: at for image, at in rows}
+
+    # --- retention -------------------------------------------------------------------
+
+    def forget_older_than(
+        self, cutoff: float, keep_images: set[str] | frozenset[str] = frozenset()
+    ) -> Forgotten:
+        """Delete launches from before ``cutoff`` and builds (with their logs) finished
+        before it, keeping the newest successful build of each image in ``keep_images``,
+        as the SQLite store does; then VACUUM the tables, so the space is used again
+        (autovacuum would get there too, later; the file is not shrunk, as VACUUM FULL
+        would, which locks the tables)."""
+
+        def find(conn: Any) -> tuple[list[tuple[str, str, str, float]], dict[str, float]]:
+            old = conn.execute(
+                "SELECT id, image, status, finished FROM builds WHERE finished < %s", (cutoff,)
+            ).fetchall()
+            newest = conn.execute(
+                "SELECT image, MAX(finished) FROM builds WHERE status = 'success' GROUP BY image"
+            ).fetchall()
+            return old, dict(newest)
+
+        def delete(conn: Any, batch: list[str]) -> tuple[int, int]:
+            with conn.transaction():
+                lines = conn.execute(
+                    "DELETE FROM build_log WHERE build_id = ANY(%s)", (batch,)
+                ).rowcount
+                builds = conn.execute("DELETE FROM builds WHERE id = ANY(%s)", (batch,)).rowcount
+            return builds, lines
+
+        with self._lock:
+            old, newest = self._call(find)
+        doomed = builds_to_forget(old, newest, set(keep_images))
+        builds = lines = 0
+        for start in range(0, len(doomed), FORGET_BATCH):
+            with self._lock:
+                done, gone = self._call(delete, doomed[start : start + FORGET_BATCH])
+            builds, lines = builds + done, lines + gone
+        with self._lock:
+            launches = self._call(
+                lambda c: c.execute("DELETE FROM launches WHERE at < %s", (cutoff,)).rowcount
+            )
+            if builds or launches:
+                self._call(lambda c: c.execute("VACUUM (ANALYZE) build_log, builds, launches"))
+        return Forgotten(builds, lines, launches)
 
     def recent_launches(self, limit: int = 50) -> list[LaunchRecord]:
         with self._lock:

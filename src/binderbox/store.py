@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS launches (
     ref TEXT NOT NULL,             -- the resolved commit or content id ("" if unresolved)
     status TEXT NOT NULL,          -- success, failed
     seconds REAL NOT NULL,
-    message TEXT NOT NULL DEFAULT ''
+    message TEXT NOT NULL DEFAULT '',
+    image TEXT NOT NULL DEFAULT ''  -- the image launched ("" if none was named)
 );
 CREATE TABLE IF NOT EXISTS build_log (
     build_id TEXT NOT NULL REFERENCES builds(id),
@@ -43,6 +44,15 @@ CREATE TABLE IF NOT EXISTS build_log (
     PRIMARY KEY (build_id, seq)
 );
 """
+# After the columns of older files are added: what the cleaner's queries look up.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS launches_at ON launches (at);
+CREATE INDEX IF NOT EXISTS launches_image ON launches (image, at);
+CREATE INDEX IF NOT EXISTS builds_finished ON builds (finished);
+"""
+# Builds forgotten in one transaction: a large first clean-up must not hold the store
+# (and every launch waiting on it) for long.
+FORGET_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,32 @@ class BuildRecord:
     message: str
     started: float
     finished: float | None
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What one retention pass deleted."""
+
+    builds: int = 0
+    log_lines: int = 0
+    launches: int = 0
+
+
+def builds_to_forget(
+    old: list[tuple[str, str, str, float]],
+    newest_success: dict[str, float],
+    keep_images: set[str],
+) -> list[str]:
+    """The ids among ``old`` (id, image, status, finished) to delete: all of them but the
+    newest successful build of each image in ``keep_images`` (an image still present
+    keeps the log that says how it was made)."""
+    return [
+        build_id
+        for build_id, image, status, finished in old
+        if not (
+            status == "success" and image in keep_images and finished == newest_success.get(image)
+        )
+    ]
 
 
 @dataclass(frozen=True)
@@ -74,6 +110,9 @@ class BuildStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # New files give deleted pages back to the disk bit by bit (see forget_older_than);
+        # the pragma does nothing to a file that already has tables.
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(build_log)")}
@@ -84,6 +123,10 @@ class BuildStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(builds)")}
         if "owner" not in columns:  # a state file from before builds had owners
             self._db.execute("ALTER TABLE builds ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(launches)")}
+        if "image" not in columns:  # a state file from before launches named their image
+            self._db.execute("ALTER TABLE launches ADD COLUMN image TEXT NOT NULL DEFAULT ''")
+        self._db.executescript(INDEXES)
         self._lock = threading.Lock()
         self._next_seq: dict[str, int] = {}
 
@@ -156,15 +199,92 @@ class BuildStore:
         return BuildRecord(*row) if row else None
 
     def record_launch(
-        self, provider: str, spec: str, ref: str, status: str, seconds: float, message: str = ""
+        self,
+        provider: str,
+        spec: str,
+        ref: str,
+        status: str,
+        seconds: float,
+        message: str = "",
+        image: str = "",
     ) -> None:
         """One /build request's outcome (no addresses are kept)."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO launches (at, provider, spec, ref, status, seconds, message)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), provider, spec, ref, status, seconds, message),
+                "INSERT INTO launches (at, provider, spec, ref, status, seconds, message, image)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), provider, spec, ref, status, seconds, message, image),
             )
+
+    def last_launched(self) -> dict[str, float]:
+        """When each image was last launched successfully (the cleaner removes the least
+        recently launched first); images without a kept launch are missing."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT image, MAX(at) FROM launches WHERE image != '' AND status = 'success'"
+                " GROUP BY image"
+            ).fetchall()
+        return {image: at for image, at in rows}
+
+    def forget_older_than(
+        self, cutoff: float, keep_images: set[str] | frozenset[str] = frozenset()
+    ) -> Forgotten:
+        """Delete launches from before ``cutoff`` and builds (with their logs) that
+        finished before it, except the newest successful build of each image in
+        ``keep_images``; running builds stay. Then give the freed pages back to the disk:
+        ``PRAGMA incremental_vacuum``, or once, for a file made before binderbox chose
+        incremental vacuuming, a VACUUM that switches it over."""
+        with self._lock:
+            old = self._db.execute(
+                "SELECT id, image, status, finished FROM builds WHERE finished < ?", (cutoff,)
+            ).fetchall()
+            newest = dict(
+                self._db.execute(
+                    "SELECT image, MAX(finished) FROM builds WHERE status = 'success'"
+                    " GROUP BY image"
+                ).fetchall()
+            )
+        doomed = builds_to_forget(old, newest, set(keep_images))
+        builds = lines = 0
+        for start in range(0, len(doomed), FORGET_BATCH):
+            batch = doomed[start : start + FORGET_BATCH]
+            marks = ",".join("?" * len(batch))
+            with self._lock:
+                self._db.execute("BEGIN")
+                try:
+                    lines += self._db.execute(
+                        f"DELETE FROM build_log WHERE build_id IN ({marks})", batch
+                    ).rowcount
+                    builds += self._db.execute(
+                        f"DELETE FROM builds WHERE id IN ({marks})", batch
+                    ).rowcount
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+        with self._lock:
+            launches = self._db.execute("DELETE FROM launches WHERE at < ?", (cutoff,)).rowcount
+            if builds or launches:
+                self._compact()
+        return Forgotten(builds, lines, launches)
+
+    def _compact(self) -> None:
+        """Return free pages to the disk (the lock is held by the caller)."""
+        if not self._db.execute("PRAGMA freelist_count").fetchone()[0]:
+            return
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # incremental
+            self._db.execute("PRAGMA incremental_vacuum").fetchall()
+        else:
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def file_pages(self) -> tuple[int, int]:
+        """(pages in the file, of which free): how compact the file is."""
+        with self._lock:
+            total = self._db.execute("PRAGMA page_count").fetchone()[0]
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return total, free
 
     def recent_launches(self, limit: int = 50) -> list[LaunchRecord]:
         with self._lock:

@@ -193,6 +193,13 @@ class BuildQueue:
         self._jobs: dict[str, BuildJob] = {}
         self._waiting: list[BuildJob] = []
         self.running = 0
+        # Held (``paused``): BuildKit's cache is pruned, which must not run beside a build
+        # (a concurrent prune crashed dockerd 20.10). Set when no build runs / none is held.
+        self._held = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
 
     def job(self, image: str) -> BuildJob | None:
         """The unfinished build of ``image``, if one is queued or running."""
@@ -254,8 +261,16 @@ class BuildQueue:
     async def _run(self, job: BuildJob, build: BuildFunction) -> None:
         loop = asyncio.get_running_loop()
         async with self._slots:
+            if self._held:
+                job.waiting_events.append(
+                    Event("waiting", "Waiting while binderbox cleans its build cache.")
+                )
+                job.notify()
+            while self._held:
+                await self._resumed.wait()
             self._waiting.remove(job)
             self.running += 1
+            self._idle.clear()
             job.position, job.building = 0, True
             self._announce_positions()
             began = time.monotonic()
@@ -282,6 +297,8 @@ class BuildQueue:
             finally:
                 flushing.cancel()
                 self.running -= 1
+                if not self.running:
+                    self._idle.set()
                 # Let events already scheduled by the build's thread land first.
                 await asyncio.sleep(0)
                 if store and job.build_id:
@@ -304,6 +321,35 @@ class BuildQueue:
                 job.done = True
                 job.notify()
                 self.on_finish(job, time.monotonic() - began)
+
+    @contextlib.asynccontextmanager
+    async def paused(self, wait: float) -> AsyncIterator[bool]:
+        """Wait up to ``wait`` seconds for a moment when no build runs, then start no
+        build until the block ends (builds that get a slot meanwhile wait); yields False,
+        holding nothing, when builds ran all that time."""
+        if not await self._until_idle(wait):
+            yield False
+            return
+        # No await since the queue was seen idle: no build can have started in between.
+        self._held += 1
+        self._resumed.clear()
+        try:
+            yield True
+        finally:
+            self._held -= 1
+            if not self._held:
+                self._resumed.set()
+
+    async def _until_idle(self, wait: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self.running:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
+        return True
 
     async def _flush_now_and_then(self, log: _CappedLog) -> None:
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ yields the events the /build stream sends. Errors become one ``failed`` event.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -99,6 +100,8 @@ class ServiceContext:
     local: BlockingPool = field(default_factory=lambda: BlockingPool("binderbox-local", 8, 64))
     # Launches under way per address.
     launches: InFlight = field(default_factory=lambda: InFlight(0))
+    # Images that launches under way resolved to: the cleaner leaves them alone.
+    launching: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 # Seconds a local call (Docker, the state database) may take.
@@ -248,6 +251,11 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
         yield final
     finally:
         ctx.metrics.launches_in_progress.dec()
+        if resolved:
+            image = resolved[0].image
+            ctx.launching[image] -= 1
+            if ctx.launching[image] <= 0:
+                del ctx.launching[image]
         if request.client:
             _release_when_returned(ctx, request.client, calls)
 
@@ -304,6 +312,7 @@ async def _record(
                 status,
                 seconds,
                 reason,
+                resolved[0].image if resolved else "",
                 timeout=LOCAL_TIMEOUT,
                 what="The state database",
             )
@@ -366,6 +375,7 @@ async def _launch(
     )
     found.append(resolved)
     image = resolved.image
+    ctx.launching[image] += 1  # until the launch ends (launch_events)
     fields = binder_fields(request, resolved)
     images, builder = ctx.images, ctx.builder
     kept_here = isinstance(images, LocalImageStore)

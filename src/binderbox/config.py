@@ -197,9 +197,28 @@ class Settings:
     # sit on, and the Swarm placement constraints of sessions (comma-separated).
     swarm_network: str = "binderbox-swarm"
     swarm_constraints: str = "node.role==worker"
+    # Pre-pulling (a node's first pull makes a launch slow): every swarm_prepull_every
+    # seconds the swarm_prepull_top images with the most sessions running, and the images
+    # named in swarm_prepull_images (comma-separated binderbox image names), are pulled
+    # onto every node sessions may run on. 0 turns each off.
+    swarm_prepull_top: int = 10
+    swarm_prepull_every: int = 60
+    swarm_prepull_images: str = ""
     # The state database: empty keeps builds, logs and launches in SQLite in state_dir;
     # a postgresql:// URL puts them (and the hub's database) in PostgreSQL.
     database_url: str = ""
+    # The disk budget (binderbox serve's cleaner, every cleaner_every seconds). Bytes the
+    # images this binderbox built may hold beyond the base images they were built on
+    # (20 GB: a few dozen typical repositories beside the base on a 50-100 GB disk); past
+    # it the least recently launched go first, never one a session runs. 0: no budget.
+    image_cache_max_bytes: int = 20_000_000_000
+    # Bytes BuildKit's build cache (layers and the pip/uv cache mounts that make rebuilds
+    # fast) may keep; pruned to it between builds. 0: no budget.
+    build_cache_max_bytes: int = 10_000_000_000
+    # Days build logs and launch records are kept (mybinder.org keeps logs 30 days); the
+    # last successful build of an image still present keeps its log. 0: forever.
+    log_retention_days: int = 30
+    cleaner_every: int = 600
     # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---
     # Where the hub keeps its config, database, log and lock; the proxy's npm packages go
     # in <state_dir>/node.
@@ -248,6 +267,14 @@ class Settings:
     cull_idle_timeout: int = 600
     cull_max_age: int = 21600
     cull_every: int = 60
+    # mybinder.org's "up to one CPU-hour": a session whose container has used this many
+    # seconds of CPU time is stopped (0: no budget), checked every session_cpu_check_every
+    # seconds by binderbox serve (a session at one CPU may overshoot by that much).
+    session_cpu_seconds_max: int = 3600
+    session_cpu_check_every: int = 30
+    # oom_score_adj of every kernel (1-1000), so a session over session_mem_limit loses a
+    # kernel, which Jupyter restarts, rather than its server (0: kernels left as they are).
+    session_kernel_oom_score_adj: int = 1000
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with the given non-None values replaced."""
@@ -307,6 +334,11 @@ def _validated(settings: Settings) -> Settings:
         raise UsageError(index_problem)
     if settings.build_timeout <= 0:
         raise UsageError("Setting 'build_timeout' must be a positive number of seconds.")
+    for name in ("image_cache_max_bytes", "build_cache_max_bytes", "log_retention_days"):
+        if getattr(settings, name) < 0:
+            raise UsageError(f"Setting '{name}' must be 0 (no limit) or a positive number.")
+    if settings.cleaner_every <= 0:
+        raise UsageError("Setting 'cleaner_every' must be a positive number of seconds.")
     for name in (
         "content_max_bytes",
         "content_max_files",
@@ -422,12 +454,26 @@ def _validate_sessions(settings: Settings) -> None:
         amounts[name] = size_in_bytes(getattr(settings, name), name)
     if amounts["session_mem_guarantee"] > amounts["session_mem_limit"]:
         raise UsageError("Setting 'session_mem_guarantee' must not exceed 'session_mem_limit'.")
-    for name in ("session_cpu_limit", "session_pids_limit", "session_start_timeout", "cull_every"):
+    for name in (
+        "session_cpu_limit",
+        "session_pids_limit",
+        "session_start_timeout",
+        "cull_every",
+        "session_cpu_check_every",
+    ):
         if getattr(settings, name) <= 0:
             raise UsageError(f"Setting '{name}' must be a positive number.")
-    for name in ("cull_idle_timeout", "cull_max_age"):
+    for name in (
+        "cull_idle_timeout",
+        "cull_max_age",
+        "swarm_prepull_top",
+        "swarm_prepull_every",
+        "session_cpu_seconds_max",
+    ):
         if getattr(settings, name) < 0:
             raise UsageError(f"Setting '{name}' must be 0 (off) or a number of seconds.")
+    if not 0 <= settings.session_kernel_oom_score_adj <= 1000:
+        raise UsageError("Setting 'session_kernel_oom_score_adj' must be 0 (off) or 1 to 1000.")
     size_in_bytes(settings.build_memory_limit, "build_memory_limit")
     if settings.build_pids_limit < 0:
         raise UsageError("Setting 'build_pids_limit' must be 0 (no limit) or a number.")

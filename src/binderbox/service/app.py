@@ -7,6 +7,7 @@ Handlers stay thin: parsing and launching live in ``launchflow``; here events be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import logging
@@ -43,6 +44,14 @@ from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.service import buildtoken, pages, public
 from binderbox.service.blocking import BlockingPool, SingleFlight
 from binderbox.service.buildqueue import BuildJob, BuildQueue
+from binderbox.service.cleaner import (
+    BuildCache,
+    Cleaner,
+    CleanerReport,
+    DockerBuildCache,
+    ImageHoldings,
+    LocalImageHoldings,
+)
 from binderbox.service.launchflow import (
     LOCAL_TIMEOUT,
     Launcher,
@@ -117,6 +126,9 @@ def create_app(
     owner: str = "",
     describe: Callable[[], dict[str, Any]] | None = None,
     pull_before_launch: bool = True,
+    clean: bool = False,
+    image_holdings: ImageHoldings | None = None,
+    build_cache: BuildCache | None = None,
 ) -> Starlette:
     """The ASGI app for ``binderbox serve``; ``notes`` are shown on the status page's
     sessions card (e.g. whether the session firewall is on).
@@ -126,6 +138,10 @@ def create_app(
     a registry or database is set), ``owner`` (the builds this service runs) is the hub
     id of ``state_dir``. ``describe`` tells /health and /status about the session backend;
     ``pull_before_launch``: sessions run on this machine (see ServiceContext).
+
+    ``clean`` runs the disk budget's cleaner (service/cleaner.py) while the app runs
+    (what serve does), on ``image_holdings`` and ``build_cache`` (default: this dockerd's
+    images under ``image_prefix`` and its BuildKit cache); it is ``app.state.cleaner``.
     """
     metrics = Metrics()
 
@@ -180,6 +196,20 @@ def create_app(
         remote=remote,
         local=local,
         launches=InFlight(settings.launches_per_address),
+    )
+    cleaner = (
+        Cleaner(
+            settings,
+            store,
+            holdings=image_holdings or LocalImageHoldings(settings.image_prefix),
+            cache=build_cache or DockerBuildCache(),
+            queue=ctx.queue,
+            running_images=launcher.running_images if launcher is not None else None,
+            launching=lambda: set(ctx.launching),
+            registry=metrics.registry,
+        )
+        if clean
+        else None
     )
     rate = RateLimiter(settings.rate_limit_per_minute)
     # Requests with a valid launch-page token: each token a few times, each address at
@@ -276,11 +306,19 @@ def create_app(
         )
         return all(c["ok"] for c in checks), checks
 
-    def sessions_backend() -> dict[str, Any] | None:
-        if describe is None:
+    # A cluster backend asks its manager (blocking calls): off the event loop, shared by
+    # whoever asks within two seconds.
+    described = (
+        SingleFlight(BlockingPool("binderbox-describe", 1, 0), describe, fresh=2.0)
+        if describe is not None
+        else None
+    )
+
+    async def sessions_backend() -> dict[str, Any] | None:
+        if described is None:
             return None
         try:
-            return describe()
+            return await described.get(timeout=10, what="The session backend")
         except Exception:  # /health and /status still answer
             logger.exception("the session backend could not describe itself")
             return {"backend": "unknown", "error": "The session backend did not answer."}
@@ -288,7 +326,7 @@ def create_app(
     async def health(request: Request) -> Response:
         ok, checks = await health_checks()
         body: dict[str, Any] = {"ok": ok, "checks": checks}
-        backend = sessions_backend()
+        backend = await sessions_backend()
         if backend is not None:
             body["sessions"] = backend
         return cors(JSONResponse(body, status_code=200 if ok else 503))
@@ -364,12 +402,29 @@ def create_app(
             except Exception:  # the page still shows everything else
                 logger.exception("the status page could not list the sessions")
                 sessions = "The sessions cannot be listed right now: the hub did not answer."
+        backend = await sessions_backend()
         page = _status_page(
-            ok, checks, ctx.queue, settings, launches, sessions, notes or [], sessions_backend()
+            ok, checks, ctx.queue, settings, launches, sessions, notes or [], backend
         )
+        if cleaner is not None:
+            page = page.replace(DISK_MARK, _disk_card(settings, cleaner.last), 1)
         return HTMLResponse(page, status_code=200 if ok else 503)
 
-    return Starlette(
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The cleaner runs beside the service; its failures are logged, never raised.
+        task = asyncio.create_task(cleaner.run_forever()) if cleaner is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                cleaner.close()
+
+    app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", home_page),
             Route("/status", status_page),
@@ -384,7 +439,70 @@ def create_app(
             Route("/logs/{build_id}", build_log),
             Route("/badge.svg", badge),
             Route("/badge_logo.svg", badge),
+        ],
+    )
+    app.state.cleaner = cleaner
+    return app
+
+
+# Where the status page gets the disk card (after the sessions card) when a cleaner runs:
+# status.html's "disk" field, filled with this mark, then replaced by the card.
+DISK_MARK = "<!-- disk -->"
+
+
+def _bytes(count: int | None) -> str:
+    """Bytes for people: 1.2 GB, 340 MB, 12 kB."""
+    if count is None:
+        return "unknown"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _disk_card(settings: Settings, report: CleanerReport | None) -> str:
+    """The disk budget on /status: use against budgets and the last cleaner run."""
+    esc = html.escape
+
+    def against(used: int | None, budget: int) -> str:
+        limit = f"of {_bytes(budget)}" if budget > 0 else "(no budget)"
+        return f"{esc(_bytes(used))} {limit}"
+
+    items = []
+    if report is None:
+        items.append('<p class="hint" id="disk-last-run">The cleaner has not run yet.</p>')
+    else:
+        count = report.images_count
+        items.append(
+            f'<p>Images: <strong id="disk-images">'
+            f"{against(report.images_bytes, settings.image_cache_max_bytes)}</strong>"
+            f" ({count} image{'s' if count != 1 else ''} beyond their base images).</p>"
+            f'<p>Build cache: <strong id="disk-build-cache">'
+            f"{against(report.build_cache_bytes, settings.build_cache_max_bytes)}</strong>.</p>"
+        )
+        done = [
+            f"removed {len(report.images_removed)} image"
+            f"{'s' if len(report.images_removed) != 1 else ''}"
+            f" ({_bytes(report.images_freed)})",
+            f"pruned {_bytes(report.build_cache_freed)} of build cache",
+            f"forgot {report.forgotten.builds} builds and {report.forgotten.launches} launches"
+            f" older than {settings.log_retention_days} days"
+            if settings.log_retention_days
+            else "keeps logs and launches forever",
         ]
+        items.append(
+            f'<p id="disk-last-run">Last clean-up {esc(_ago(time.time() - report.at))}: '
+            f"{esc(', '.join(done))}.</p>"
+        )
+        if report.images_removed:
+            names = ", ".join(report.images_removed)
+            items.append(f'<p class="hint" id="disk-removed">Removed: {esc(names)}</p>')
+        notes = [*report.errors, *([report.build_cache_note] if report.build_cache_note else [])]
+        items.extend(f'<p class="bad">{esc(note)}</p>' for note in notes)
+    return (
+        '<section class="card" aria-labelledby="disk-title"><h2 id="disk-title">Disk</h2>'
+        + "".join(items)
+        + "</section>"
     )
 
 
@@ -609,5 +727,6 @@ def _status_page(
         builds=_builds_table(queue.unfinished()),
         concurrency=settings.build_concurrency,
         sessions=sessions_html,
+        disk=DISK_MARK,
         launches=launch_table,
     )

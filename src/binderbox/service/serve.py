@@ -84,6 +84,10 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
         raise
     for note in hub.notes():
         say(note)
+    # The CPU-hour budget, for backends that can measure their sessions (see cpu_budget.py).
+    cpu_budget = hub.cpu_budget(say) if hasattr(hub, "cpu_budget") else None
+    if settings.session_cpu_seconds_max and cpu_budget is None:
+        say("CPU budget: this session backend cannot measure sessions; none is enforced.")
     server: _Server | None = None
     builds = FirewallStatus(False, "")
     limits = BuildLimitStatus(False, "")
@@ -105,6 +109,8 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
         say(builds.message)
         limits = apply_build_limits(settings.build_memory_limit, settings.build_pids_limit)
         say(limits.message)
+        if cpu_budget is not None:
+            cpu_budget.start()
         notes = [*hub.notes(), builds.message, limits.message]
         app = create_app(
             settings,
@@ -117,6 +123,8 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             describe=hub.describe,
             # Sessions of the local backend run on this dockerd; cluster nodes pull.
             pull_before_launch=isinstance(hub, LocalHubBackend),
+            # The disk budget: images, build cache and old logs cleaned in the background.
+            clean=True,
         )
         base = f"http://{settings.service_host}:{settings.service_port}"
         if ":" in settings.service_host:
@@ -148,6 +156,8 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             say("Stopping JupyterHub and the proxy; sessions keep running for the next start")
         else:
             say("Stopping JupyterHub, the proxy and every session")
+        if cpu_budget is not None:
+            cpu_budget.stop()
         with contextlib.suppress(OSError):
             lift_build_limits(limits)
         if builds.active:

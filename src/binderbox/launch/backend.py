@@ -14,6 +14,9 @@ from binderbox.config import Settings
 from binderbox.errors import UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from binderbox.launch.cpu_budget import CpuBudget
     from binderbox.launch.hub import ManagedHub
     from binderbox.launch.session import HubLauncher
     from binderbox.service.launchflow import Launcher
@@ -104,6 +107,18 @@ class LocalHubBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "local", "spawner": "DockerSpawner", "sessions": self.sessions_url}
+
+    def cpu_budget(self, say: Callable[[str], None]) -> CpuBudget:
+        """The CPU-hour watcher for this hub's sessions (serve starts and stops it)."""
+        from binderbox.launch.cpu_budget import CpuBudget, DockerSessionMeter
+
+        return CpuBudget(
+            DockerSessionMeter(self.hub.hub_id),
+            self.hub.client,
+            budget=self.settings.session_cpu_seconds_max,
+            every=self.settings.session_cpu_check_every,
+            say=say,
+        )
 
 
 BACKENDS = ("local", "swarm")

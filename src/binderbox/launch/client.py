@@ -208,6 +208,17 @@ class HubClient:
         """Where people reach a path of the proxy, e.g. ``/user/x/`` → ``http://…/user/x/``."""
         return self.sessions_url + path.lstrip("/")
 
+    async def stop_server(self, name: str, *, query: str = "") -> None:
+        """Ask the hub to stop ``name``'s server (it may still be stopping on return).
+
+        ``query`` rides along on the request: the hub ignores it but writes it into its
+        log with the request, which is how a stop's reason reaches that log.
+        """
+        path = f"/users/{quote(name, safe='')}/server" + (f"?{query}" if query else "")
+        response = await self._request("DELETE", path)
+        if response.status_code not in (202, 204, 400, 404):  # 400: not running
+            raise HubError(f"The hub did not stop the server of {name}: {_reason(response)}")
+
     async def delete_user(self, name: str, timeout: float = 120) -> None:
         """Stop ``name``'s server if it runs and delete the user; no error if it is gone."""
         deadline = time.monotonic() + timeout

@@ -28,6 +28,7 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from binderbox.launch.kernel_oom import config_archive, config_path
 from binderbox.launch.options import (
     LABEL_HUB,
     LABEL_SESSION,
@@ -65,6 +66,19 @@ class BinderSpawnerMixin(LoggingConfigurable):
     allow_origin = Unicode(
         "", config=True, help="The server's allow_origin ('' = same origin only)."
     )
+    kernel_oom_score_adj = Integer(
+        1000,
+        min=0,
+        max=1000,
+        config=True,
+        help="oom_score_adj of kernels, so a session over its memory limit loses (and "
+        "restarts) a kernel, not its server (0: leave kernels as they are).",
+    )
+    # The image's own JUPYTER_CONFIG_PATH, kept after binderbox's directory.
+    image_config_path = ""
+    # Whether this spawner puts kernel_oom.config_archive into its containers; only then
+    # does the server get binderbox's config directory on JUPYTER_CONFIG_PATH.
+    places_kernel_config = False
 
     session: SessionOptions | None = None
     _progress_log: list[dict[str, Any]]
@@ -125,6 +139,10 @@ class BinderSpawnerMixin(LoggingConfigurable):
             env.pop(name, None)
         if self.session is not None:
             env.update(self.session.binder_environment())
+        if self.kernel_oom_score_adj and self.places_kernel_config:
+            # Where the server finds the config that puts kernels first for the OOM killer
+            # (see kernel_oom.py); start_object puts the file into the container.
+            env["JUPYTER_CONFIG_PATH"] = config_path(self.image_config_path)
         return env
 
     def _progress(self, progress: int, message: str) -> None:
@@ -195,6 +213,8 @@ class BinderSpawner(BinderSpawnerMixin, DockerSpawner):
     guarantee as a reservation, no host mounts, and the port published on 127.0.0.1 only.
     """
 
+    places_kernel_config = True
+
     @default("pull_policy")
     def _pull_policy_default(self) -> str:
         # Images come from this machine's builds; there is no registry to pull from.
@@ -218,13 +238,24 @@ class BinderSpawner(BinderSpawnerMixin, DockerSpawner):
 
     async def check_image(self, image: str) -> None:
         try:
-            await self.docker("inspect_image", image)
+            info = await self.docker("inspect_image", image)
         except docker.errors.NotFound:
             raise _spawn_error(
                 f"The image {image} is not on this machine; build it first.",
                 reason="image",
                 status=400,
             ) from None
+        for item in (info.get("Config") or {}).get("Env") or []:
+            if item.startswith("JUPYTER_CONFIG_PATH="):
+                self.image_config_path = item.split("=", 1)[1]
+
+    async def start_object(self) -> None:
+        if self.kernel_oom_score_adj:
+            # Copied into the created container (never mounted from the host), as root.
+            await self.docker(
+                "put_archive", self.container_id, "/", config_archive(self.kernel_oom_score_adj)
+            )
+        await super().start_object()
 
     def _host_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,7 @@ LOG_FILE = "jupyterhub.log"
 LOCK_FILE = "hub.lock"
 DB_FILE = "jupyterhub.sqlite"
 PROXY_PID_FILE = "proxy.pid"
+PROXY_CHECK_SECONDS = 2
 # Processes the hub starts in its state directory (and stops, unless it is killed).
 _HUB_HELPERS = (b"configurable-http-proxy", b"jupyterhub_idle_culler")
 
@@ -124,6 +126,8 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         # bad options still fail the request itself (they are checked within that second).
         "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 1}",
         "c.JupyterHub.cleanup_proxy = True",
+        # The hub starts the proxy again this soon after it dies, and gives it its routes.
+        f"c.ConfigurableHTTPProxy.check_running_interval = {PROXY_CHECK_SECONDS}",
         f"c.JupyterHub.last_activity_interval = {activity_interval}",
         # Nobody logs in: users are made and removed through the API by binderbox.
         "c.JupyterHub.authenticator_class = 'null'",
@@ -142,6 +146,7 @@ def render_config(settings: Settings, *, state_dir: Path, proxy: Path, hub_id: s
         f"c.BinderSpawner.cpu_limit = {float(s.session_cpu_limit)!r}",
         f"c.BinderSpawner.pids_limit = {s.session_pids_limit}",
         f"c.BinderSpawner.allow_origin = {s.session_allow_origin!r}",
+        f"c.BinderSpawner.kernel_oom_score_adj = {s.session_kernel_oom_score_adj}",
         # Sessions sit on their own network, isolated from each other; the proxy still
         # reaches each one through its port published on 127.0.0.1.
         f"c.BinderSpawner.network_name = {s.session_network!r}",
@@ -166,6 +171,8 @@ class ManagedHub:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
         self._log: IO[bytes] | None = None
+        # Set by start() when it stopped a hub a killed binderbox left (one sentence).
+        self.took_over = ""
         # Whether the session firewall is in place (set by start()).
         self.firewall = FirewallStatus(False, "Session firewall: not set up yet.")
 
@@ -231,16 +238,7 @@ class ManagedHub:
             self._check_ports()
             # Sessions a previous hub of this state directory left running are adopted:
             # the hub finds them through its database, routes them and culls them.
-            network = ensure_session_network(_docker_client(), self.settings.session_network)
-            self.firewall = guard(
-                bridge_name(network),
-                self.settings.session_blocked_networks,
-                self.settings.session_firewall,
-                who="sessions",
-                setting="session_firewall",
-                ipv6=bool(network.get("EnableIPv6")),
-                owner=self.hub_id,
-            )
+            self.guard_sessions()
             config = self.state_dir / CONFIG_FILE
             text = render_config(
                 self.settings, state_dir=self.state_dir, proxy=proxy, hub_id=self.hub_id
@@ -249,20 +247,7 @@ class ManagedHub:
             config.chmod(0o600)
             self._token = os.urandom(32).hex()
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
-            assert self._lock_fd is not None
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "jupyterhub", "-f", str(config)],
-                cwd=self.state_dir,
-                env={**os.environ, SERVICE_TOKEN_ENV: self._token, **self._database_env()},
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C meant for binderbox reaches the hub via stop().
-                start_new_session=True,
-                # The hub holds the lock too, so an orphaned hub still blocks a second one.
-                pass_fds=(self._lock_fd,),
-            )
-            self._note_owner(f"JupyterHub pid {self._process.pid}, started by pid {os.getpid()}")
+            self._spawn()
             # A binderbox that exits without stop() must not leave the hub running.
             atexit.register(self.stop)
             self._wait_until_up(timeout)
@@ -270,6 +255,64 @@ class ManagedHub:
             self.stop()
             raise
         return self
+
+    def guard_sessions(self) -> FirewallStatus:
+        """Make sure the session network exists and its firewall is in place (again: after
+        dockerd restarted, or a binderbox killed before it could tidy up); idempotent."""
+        network = ensure_session_network(_docker_client(), self.settings.session_network)
+        self.firewall = guard(
+            bridge_name(network),
+            self.settings.session_blocked_networks,
+            self.settings.session_firewall,
+            who="sessions",
+            setting="session_firewall",
+            ipv6=bool(network.get("EnableIPv6")),
+            owner=self.hub_id,
+        )
+        return self.firewall
+
+    def _spawn(self) -> None:
+        assert self._lock_fd is not None and self._log is not None
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(self.state_dir / CONFIG_FILE)],
+            cwd=self.state_dir,
+            env={**os.environ, SERVICE_TOKEN_ENV: self._token, **self._database_env()},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C meant for binderbox reaches the hub via stop(), and
+            # a binderbox killed outright leaves it serving the sessions until the next
+            # start takes over (see _take_over_orphan).
+            start_new_session=True,
+            # The hub holds the lock too, so an orphaned hub still blocks a second one.
+            pass_fds=(self._lock_fd,),
+        )
+        self._note_owner(f"JupyterHub pid {self._process.pid}, started by pid {os.getpid()}")
+
+    def exited(self) -> int | None:
+        """The hub's exit code once it has died (None while it runs or when not started)."""
+        return self._process.poll() if self._process is not None else None
+
+    def restart(self, timeout: float = 60) -> None:
+        """Start the hub again after it died, with the same token, config and database:
+        it finds its sessions in the database, starts a proxy and routes them again."""
+        if self._process is None or self._log is None:
+            raise HubUnavailable("The hub was not started, so it cannot be restarted.")
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        # Its proxy and culler outlive it; the new hub starts its own.
+        self._stop_leftover_processes()
+        self._wait_for_ports(timeout=10)
+        self._spawn()
+        self._wait_until_up(timeout)
+
+    def proxy_pid(self) -> int | None:
+        """The pid of the proxy the hub runs now (from its pid file), if it wrote one."""
+        try:
+            return int((self.state_dir / PROXY_PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def stop(self, timeout: float = 60, *, keep_sessions: bool = False) -> None:
         """Stop the hub and its proxy; remove its sessions too unless ``keep_sessions``
@@ -323,14 +366,50 @@ class ManagedHub:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise HubAlreadyRunning(
-                f"A binderbox hub is already running with the state directory "
-                f"{self.state_dir}{f' ({owner})' if owner else ''}. Stop it first, or give "
-                "this one another 'state_dir'."
-            ) from None
+            if not self._take_over_orphan(fd, owner):
+                os.close(fd)
+                raise HubAlreadyRunning(
+                    f"A binderbox hub is already running with the state directory "
+                    f"{self.state_dir}{f' ({owner})' if owner else ''}. Stop it first, or "
+                    "give this one another 'state_dir'."
+                ) from None
         self._lock_fd = fd
         self._note_owner(f"started by pid {os.getpid()}")
+
+    def _take_over_orphan(self, fd: int, owner: str, timeout: float = 40) -> bool:
+        """When the lock is held by a hub whose binderbox was killed (it lives on, serving
+        the sessions), stop it (SIGTERM: it keeps the sessions and stops its proxy) and
+        take the lock; False when the holder is anything else, e.g. a running binderbox."""
+        found = re.fullmatch(r"JupyterHub pid (\d+), started by pid (\d+)", owner)
+        if not found:
+            return False
+        pid, parent = int(found[1]), int(found[2])
+        proc = Path(f"/proc/{pid}")
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            cwd = Path(os.readlink(proc / "cwd"))
+            status = (proc / "status").read_text()
+        except OSError:
+            return False  # gone already, or not ours to look at: the lock is retried below
+        ppid = re.search(r"^PPid:\s*(\d+)", status, re.MULTILINE)
+        if b"jupyterhub" not in cmdline or cwd != self.state_dir:
+            return False
+        if ppid is not None and int(ppid[1]) == parent:
+            return False  # its binderbox is alive: a second serve must not take over
+        _end_process(pid, grace=timeout / 2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.1)
+                continue
+            self.took_over = (
+                f"JupyterHub pid {pid}, left running by a binderbox that was killed (pid "
+                f"{parent}), was stopped; its sessions are adopted."
+            )
+            return True
+        return False
 
     def _note_owner(self, text: str) -> None:
         # Shown by a second hub that finds the lock taken.
@@ -342,6 +421,18 @@ class ManagedHub:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _wait_for_ports(self, timeout: float) -> None:
+        """Wait until a dead hub's and proxy's ports are free again (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._check_ports()
+                return
+            except HubUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def _check_ports(self) -> None:
         s = self.settings

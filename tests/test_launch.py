@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -616,16 +614,16 @@ def test_the_next_hub_adopts_the_sessions_of_a_killed_one(
     hub_pid = int(orphaned.stdout.split()[-1])
     hub = ManagedHub(settings)
     try:
-        # The orphaned hub still holds the state directory.
-        with pytest.raises(HubAlreadyRunning, match=f"JupyterHub pid {hub_pid}"):
-            hub.start()
+        # The orphaned hub still holds the state directory and serves its session; its
+        # binderbox is gone, so the next start stops it and adopts the session.
         proxy_pid = int((hub.state_dir / "proxy.pid").read_text())
-        os.kill(hub_pid, signal.SIGKILL)  # as if it crashed
-        wait_until(lambda: lock_is_free(hub.state_dir), timeout=10, what="the hub exiting")
-        assert process_alive(proxy_pid)
+        assert process_alive(hub_pid) and process_alive(proxy_pid)
+        assert not lock_is_free(hub.state_dir)
         assert session_containers(docker_client, **{LABEL_HUB: hub.hub_id})
 
         hub.start()
+        assert hub.took_over.startswith(f"JupyterHub pid {hub_pid}, left running by a binderbox")
+        assert not process_alive(hub_pid)
         assert not process_alive(proxy_pid)  # the orphaned proxy is replaced
         # The session the crashed hub started lives on under the new hub.
         assert session_containers(docker_client, **{LABEL_HUB: hub.hub_id})

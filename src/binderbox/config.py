@@ -219,6 +219,11 @@ class Settings:
     # last successful build of an image still present keeps its log. 0: forever.
     log_retention_days: int = 30
     cleaner_every: int = 600
+    # Parts that die come back (binderbox serve's supervisor): JupyterHub is started again
+    # at once, unless it died restart_limit times within restart_window seconds; then
+    # /health says so and the next try waits restart_window seconds (doubling each time).
+    restart_limit: int = 5
+    restart_window: int = 60
     # --- sessions (JupyterHub and configurable-http-proxy, all on 127.0.0.1) ---
     # Where the hub keeps its config, database, log and lock; the proxy's npm packages go
     # in <state_dir>/node.
@@ -339,6 +344,9 @@ def _validated(settings: Settings) -> Settings:
             raise UsageError(f"Setting '{name}' must be 0 (no limit) or a positive number.")
     if settings.cleaner_every <= 0:
         raise UsageError("Setting 'cleaner_every' must be a positive number of seconds.")
+    for name in ("restart_limit", "restart_window"):
+        if getattr(settings, name) <= 0:
+            raise UsageError(f"Setting '{name}' must be a positive number.")
     for name in (
         "content_max_bytes",
         "content_max_files",

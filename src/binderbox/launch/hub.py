@@ -390,7 +390,7 @@ class ManagedHub:
             cwd = Path(os.readlink(proc / "cwd"))
             status = (proc / "status").read_text()
         except OSError:
-            return False  # gone already, or not ours to look at: the lock is retried below
+            return False  # not a process we may look at: whoever it is, it is not ours
         ppid = re.search(r"^PPid:\s*(\d+)", status, re.MULTILINE)
         if b"jupyterhub" not in cmdline or cwd != self.state_dir:
             return False

@@ -40,6 +40,7 @@ from binderbox.config import Settings
 from binderbox.errors import BinderboxError
 from binderbox.events import Event
 from binderbox.images import ImageStore, open_image_store
+from binderbox.launch.supervisor import Supervisor
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.service import buildtoken, pages, public
 from binderbox.service.blocking import BlockingPool, SingleFlight
@@ -129,6 +130,7 @@ def create_app(
     clean: bool = False,
     image_holdings: ImageHoldings | None = None,
     build_cache: BuildCache | None = None,
+    supervisor: Supervisor | None = None,
 ) -> Starlette:
     """The ASGI app for ``binderbox serve``; ``notes`` are shown on the status page's
     sessions card (e.g. whether the session firewall is on).
@@ -142,8 +144,13 @@ def create_app(
     ``clean`` runs the disk budget's cleaner (service/cleaner.py) while the app runs
     (what serve does), on ``image_holdings`` and ``build_cache`` (default: this dockerd's
     images under ``image_prefix`` and its BuildKit cache); it is ``app.state.cleaner``.
+
+    ``supervisor`` (serve's, launch/supervisor.py) adds its restart counts to /metrics and a
+    part that keeps dying to /health.
     """
     metrics = Metrics()
+    if supervisor is not None:
+        metrics.registry.register(supervisor)
 
     def build_finished(job: BuildJob, seconds: float) -> None:
         status = "failure" if job.error else "success"
@@ -296,6 +303,8 @@ def create_app(
         if launcher is not None:
             ok = await launcher.healthy()
             checks.append({"service": "JupyterHub", "ok": ok})
+        if supervisor is not None:
+            checks.extend(supervisor.checks())
         checks.append(
             {
                 "service": "Build queue",

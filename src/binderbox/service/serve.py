@@ -7,7 +7,10 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
+import docker
+import docker.errors
 import uvicorn
 
 from binderbox.builder.backend import LocalBuilder
@@ -19,8 +22,14 @@ from binderbox.launch.firewall import FirewallError, FirewallStatus, bridge_name
 from binderbox.launch.firewall import blocker as firewall_blocker
 from binderbox.launch.firewall import remove as remove_guard
 from binderbox.launch.hub import build_bridge_network
+from binderbox.launch.supervisor import Supervisor
 from binderbox.service.app import create_app
-from binderbox.service.buildlimits import BuildLimitStatus, apply_build_limits, lift_build_limits
+from binderbox.service.buildlimits import (
+    BuildLimitStatus,
+    apply_build_limits,
+    lift_build_limits,
+    limit_files,
+)
 from binderbox.service.public import base_url, public_hosts
 from binderbox.state import open_state_store
 
@@ -82,6 +91,8 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     except BaseException:
         store.close()
         raise
+    if isinstance(hub, LocalHubBackend) and hub.hub.took_over:
+        say(hub.hub.took_over)
     for note in hub.notes():
         say(note)
     # The CPU-hour budget, for backends that can measure their sessions (see cpu_budget.py).
@@ -89,6 +100,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
     if settings.session_cpu_seconds_max and cpu_budget is None:
         say("CPU budget: this session backend cannot measure sessions; none is enforced.")
     server: _Server | None = None
+    supervisor: Supervisor | None = None
     builds = FirewallStatus(False, "")
     limits = BuildLimitStatus(False, "")
     # uvicorn hands the signal that stopped it back to the previous handler once it has
@@ -107,10 +119,42 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             owner=hub.owner,
         )
         say(builds.message)
-        limits = apply_build_limits(settings.build_memory_limit, settings.build_pids_limit)
+        limits = _reconcile_build_limits(settings)
         say(limits.message)
         if cpu_budget is not None:
             cpu_budget.start()
+        if isinstance(hub, LocalHubBackend):
+
+            def put_back() -> list[str]:
+                """What a restarted dockerd may have lost, set up again (idempotent)."""
+                nonlocal builds, limits, bridge
+                try:
+                    sessions = hub.hub.guard_sessions()
+                    network = build_bridge_network()
+                except docker.errors.DockerException as error:
+                    raise BinderboxError(f"Docker did not answer: {error}") from None
+                bridge = bridge_name(network)
+                builds = guard(
+                    bridge,
+                    settings.session_blocked_networks,
+                    settings.build_firewall,
+                    who="builds",
+                    setting="build_firewall",
+                    ipv6=bool(network.get("EnableIPv6")),
+                    owner=hub.owner,
+                )
+                limits = _reconcile_build_limits(settings)
+                return [sessions.message, builds.message, limits.message]
+
+            supervisor = Supervisor(
+                hub.hub,
+                say=say,
+                docker_up=_docker_answers,
+                reapply=put_back,
+                limit=settings.restart_limit,
+                window=settings.restart_window,
+            )
+            supervisor.start()
         notes = [*hub.notes(), builds.message, limits.message]
         app = create_app(
             settings,
@@ -125,6 +169,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             pull_before_launch=isinstance(hub, LocalHubBackend),
             # The disk budget: images, build cache and old logs cleaned in the background.
             clean=True,
+            supervisor=supervisor,
         )
         base = f"http://{settings.service_host}:{settings.service_port}"
         if ":" in settings.service_host:
@@ -156,10 +201,14 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             say("Stopping JupyterHub and the proxy; sessions keep running for the next start")
         else:
             say("Stopping JupyterHub, the proxy and every session")
+        # First, so that the hub stopping below is not taken for a hub that died.
+        if supervisor is not None:
+            supervisor.stop()
         if cpu_budget is not None:
             cpu_budget.stop()
         with contextlib.suppress(OSError):
             lift_build_limits(limits)
+            _limits_marker(settings).unlink(missing_ok=True)
         if builds.active:
             # Builds run only while binderbox serves; sessions keep their rules (they
             # may outlive this process).
@@ -167,6 +216,41 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
                 remove_guard(bridge, owner=hub.owner)
         hub.stop(keep_sessions=keep)
         store.close()
+
+
+def _limits_marker(settings: Settings) -> Path:
+    # Written while serve's build limits hold, so a start after a kill -9 knows they are
+    # its own leftovers (and lifts them when the limits are off now).
+    return Path(settings.state_dir).expanduser() / "build-limits.applied"
+
+
+def _reconcile_build_limits(settings: Settings) -> BuildLimitStatus:
+    """Put the build limits in place as the settings say, over whatever a killed serve
+    left: set again when on, lifted when off now but left on by an earlier run."""
+    marker = _limits_marker(settings)
+    limits = apply_build_limits(settings.build_memory_limit, settings.build_pids_limit)
+    if limits.active:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(limits.message + "\n")
+    elif marker.exists():
+        files = limit_files()
+        if files is not None:
+            with contextlib.suppress(OSError):
+                lift_build_limits(BuildLimitStatus(True, "", files))
+        marker.unlink(missing_ok=True)
+    return limits
+
+
+def _docker_answers() -> bool:
+    """Whether dockerd answers a ping within a few seconds (the supervisor asks often)."""
+    try:
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # any failure to answer means: not up
+        return False
 
 
 class _Terminated(Exception):

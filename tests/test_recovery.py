@@ -529,7 +529,8 @@ def test_dockerd_restarted_health_says_so_and_recovers(recovering, session):
     owner = hub_id_for(state_dir(served).resolve())
     pid, command = host_dockerd()
     os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: not alive(pid), 60, "dockerd stopping")
+    # dockerd stops its containers first (10 s each at most, in parallel).
+    wait_until(lambda: not alive(pid), 120, "dockerd stopping")
     restarted = False
     try:
         wait_until(lambda: health(served)[0] == 503, 20, "/health saying dockerd is down")
@@ -556,6 +557,8 @@ def test_dockerd_restarted_health_says_so_and_recovers(recovering, session):
         wait_until(lambda: _docker_answers(), 120, "dockerd answering again")
         wait_until(lambda: health(served)[0] == 200, 60, "/health well again")
         wait_until(lambda: "dockerd answers again" in said(served), 30, "serve noticing")
+        assert said(served).count("dockerd does not answer") == 1
+        assert metric(served, "binderbox_restarts_total", "dockerd") == 1
         if firewall_possible():
             wait_until(lambda: len(our_hooks("DOCKER-USER", owner)) == 2, 30, "the hooks put back")
         # Launches work again (sessions stopped with dockerd: containers do not survive).

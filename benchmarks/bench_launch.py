@@ -238,6 +238,7 @@ class Serve:
         self.hub_id = hub_id_for(self.state_dir)
         self.process: subprocess.Popen[bytes] | None = None
         self.hub_pid: int | None = None
+        self.start_timeout: float = SERVE_START_TIMEOUT
         ports = set()
         while len(ports) < 3:
             ports.add(free_port())
@@ -289,7 +290,12 @@ class Serve:
             except httpx.HTTPError:
                 return False
 
-        wait_until(up, SERVE_START_TIMEOUT, "binderbox serve answering /health")
+        wait_until(up, self.start_timeout, "binderbox serve answering /health")
+        self.find_hub()
+
+    def find_hub(self) -> None:
+        """The JupyterHub process below serve (its memory is the hub's)."""
+        assert self.process is not None
         table = process_table()
         hubs = [
             pid

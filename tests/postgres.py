@@ -49,6 +49,8 @@ class PostgresCluster:
     port: int
     log: Path
     run_as: list[str]
+    # Addresses besides 127.0.0.1 it listens on (e.g. a network containers reach).
+    also_listen: tuple[str, ...] = ()
 
     @property
     def admin_url(self) -> str:
@@ -63,7 +65,7 @@ class PostgresCluster:
             cursor = conn.execute(statement, params or None)
             return cursor.fetchall() if cursor.description else []
 
-    def new_database(self, password: str | None = None) -> str:
+    def new_database(self, password: str | None = None, host: str = "127.0.0.1") -> str:
         """A fresh database owned by a fresh user (who may create databases, for the hub's)
         with a password; its ``postgresql://`` URL over TCP on 127.0.0.1."""
         import psycopg
@@ -82,7 +84,7 @@ class PostgresCluster:
                     sql.Identifier(name), sql.Identifier(name)
                 )
             )
-        return f"postgresql://{name}:{password}@127.0.0.1:{self.port}/{name}"
+        return f"postgresql://{name}:{password}@{host}:{self.port}/{name}"
 
     def pg_ctl(self, *args: str) -> None:
         subprocess.run(
@@ -93,8 +95,10 @@ class PostgresCluster:
         )
 
     def start(self) -> None:
+        listen = ",".join(["127.0.0.1", *self.also_listen])
         options = (
-            f"-k {self.socket_dir} -c listen_addresses=127.0.0.1 -p {self.port} "
+            f"-k {self.socket_dir} -c listen_addresses={listen} "
+            f"-p {self.port} "
             "-c fsync=off -c max_connections=50"
         )
         self.pg_ctl("-w", "-l", str(self.log), "-o", options, "start")
@@ -104,8 +108,9 @@ class PostgresCluster:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[PostgresCluster]:
-    """Start a cluster in a temp dir; stop it and remove the folder afterwards."""
+def postgres_cluster(also_listen: tuple[str, ...] = ()) -> Iterator[PostgresCluster]:
+    """Start a cluster in a temp dir; stop it and remove the folder afterwards. With
+    ``also_listen``, it listens there too and takes password logins from anywhere."""
     folder_bin = postgres_bin()
     if folder_bin is None:
         pytest.skip(
@@ -126,6 +131,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         port=free_port(),
         log=root / "postgres.log",
         run_as=run_as,
+        also_listen=also_listen,
     )
     started = False
     try:
@@ -149,6 +155,9 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
             timeout=120,
             cwd=root,
         )
+        if also_listen:
+            with (cluster.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all 0.0.0.0/0 scram-sha-256\n")
         cluster.start()
         started = True
         yield cluster

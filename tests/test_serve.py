@@ -77,7 +77,7 @@ def serve_env(tmp_path_factory, prefix: str) -> dict[str, str]:
     }
 
 
-def start_serve(env: dict[str, str], log_path: Path, prefix: str) -> Served:
+def start_serve(env: dict[str, str], log_path: Path, prefix: str, timeout: float = 120) -> Served:
     log = log_path.open("a")
     process = subprocess.Popen(
         [*BINDERBOX, "serve"],
@@ -88,7 +88,7 @@ def start_serve(env: dict[str, str], log_path: Path, prefix: str) -> Served:
     )
     log.close()
     url = f"http://127.0.0.1:{env['BINDERBOX_SERVICE_PORT']}"
-    wait_until(lambda: healthy(url) or process.poll() is not None, 120, "serve answering")
+    wait_until(lambda: healthy(url) or process.poll() is not None, timeout, "serve answering")
     assert process.poll() is None, log_path.read_text()
     served = Served(process, url, env, prefix)
     served.log = log_path

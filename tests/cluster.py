@@ -164,8 +164,62 @@ class Cluster:
     # Swarm node id → worker container name (which is also the node's hostname).
     nodes: dict[str, str] = field(default_factory=dict)
 
+    # (node image, test tag, join token, manager address) for add_worker.
+    _join: tuple[str, str, str, str] = ("", "", "", "")
+
     def worker_exec(self, worker: str, *command: str, timeout: float = 60) -> str:
         return _run(DOCKER, "exec", worker, *command, timeout=timeout)
+
+    def add_worker(self) -> str:
+        """Start one more Docker-in-Docker worker, join it and wait until Swarm calls it
+        ready; its name (also its hostname)."""
+        image, tag, token, manager = self._join
+        name = f"binderbox-worker-{tag}-{len(self.workers) + 1}"
+        daemon_json = json.dumps(
+            {"insecure-registries": [self.registry.pull_url], "no-new-privileges": True}
+        )
+        _run(
+            DOCKER,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            self.network,
+            "--label",
+            f"binderbox.test={tag}",
+            *_DIND_FLAGS,
+            image,
+            "sh",
+            "-c",
+            f"mkdir -p /etc/docker && echo '{daemon_json}' > /etc/docker/daemon.json"
+            " && exec dockerd >/var/log/dockerd.log 2>&1",
+        )
+        self.workers.append(name)
+        _wait(
+            lambda: self.worker_exec(name, "docker", "info") != "",
+            60,
+            f"dockerd in {name} did not answer",
+        )
+        self.worker_exec(name, "docker", "swarm", "join", "--token", token, manager)
+        client = docker.from_env()
+
+        def ready() -> bool:
+            for node in client.nodes.list():
+                attrs = node.attrs
+                if attrs["Description"]["Hostname"] == name and attrs["Status"]["State"] == "ready":
+                    self.nodes[node.id] = name
+                    return True
+            return False
+
+        _wait(ready, 60, f"{name} did not join the swarm")
+        return name
+
+    def kill_worker(self, name: str) -> None:
+        """The machine dies: its container is killed (its node stays listed, down)."""
+        _run(DOCKER, "kill", name)
 
 
 def _free_port() -> int:
@@ -218,53 +272,10 @@ def swarm_cluster(workdir: Path) -> Iterator[Cluster]:
             raise RuntimeError(f"this dockerd's swarm state is {state!r}; expected inactive")
         token = _run(DOCKER, "swarm", "join-token", "-q", "worker")
         manager = client.info()["Swarm"]["NodeAddr"]
-        daemon_json = json.dumps(
-            {"insecure-registries": [registry.pull_url], "no-new-privileges": True}
-        )
-        for number in range(1, WORKERS + 1):
-            name = f"binderbox-worker-{tag}-{number}"
-            _run(
-                DOCKER,
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--hostname",
-                name,
-                "--network",
-                network,
-                "--label",
-                f"binderbox.test={tag}",
-                *_DIND_FLAGS,
-                image,
-                "sh",
-                "-c",
-                f"mkdir -p /etc/docker && echo '{daemon_json}' > /etc/docker/daemon.json"
-                " && exec dockerd >/var/log/dockerd.log 2>&1",
-            )
-            workers.append(name)
         cluster = Cluster(network, gateway, workers, registry, joined)
-        for name in workers:
-            _wait(
-                lambda name=name: cluster.worker_exec(name, "docker", "info") != "",
-                60,
-                f"dockerd in {name} did not answer",
-            )
-            cluster.worker_exec(
-                name, "docker", "swarm", "join", "--token", token, f"{manager}:2377"
-            )
-        hostnames = set(workers)
-
-        def all_ready() -> bool:
-            ready = {
-                n.attrs["Description"]["Hostname"]: n.id
-                for n in client.nodes.list()
-                if n.attrs["Status"]["State"] == "ready"
-            }
-            cluster.nodes = {ready[h]: h for h in hostnames if h in ready}
-            return len(cluster.nodes) == WORKERS
-
-        _wait(all_ready, 60, "the workers did not join the swarm")
+        cluster._join = (image, tag, token, f"{manager}:2377")
+        for _ in range(WORKERS):
+            cluster.add_worker()
         yield cluster
     finally:
         _teardown(client, tag, network, workers, registry, joined)

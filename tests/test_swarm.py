@@ -46,13 +46,20 @@ def test_hub_config_runs_the_swarm_spawner_against_the_proxy_container() -> None
     assert "c.BinderSwarmSpawner.registry = '172.30.0.1:5000'" in text
     assert "c.BinderSwarmSpawner.constraints = 'node.role==worker'" in text
     assert "c.BinderSwarmSpawner.pids_limit = 1024" in text
+    # The firewall is wanted ("auto"): sessions go only to nodes the guard labels.
+    assert "c.BinderSwarmSpawner.guard_label = 'binderbox-guard-abc'" in text
+    off = render_hub_config(
+        settings.with_overrides(session_firewall="off"), hub_id="abc", hub="h", proxy="p"
+    )
+    assert "c.BinderSwarmSpawner.guard_label = ''" in off
 
 
 def test_hub_image_recipe_adds_the_proxy_and_binderbox_to_the_base() -> None:
     recipe = hub_image_recipe("binderbox/base:bookworm-1", ca=True)
     assert recipe.startswith("FROM binderbox/base:bookworm-1\n")
     assert "configurable-http-proxy@5" in recipe
-    assert "uv pip install --python /srv/venv/bin/python /opt/binderbox-src" in recipe
+    assert "uv pip install --python /srv/venv/bin/python '/opt/binderbox-src[postgres]'" in recipe
+    assert "install -y -qq --no-install-recommends iptables" in recipe  # the node guard
     assert "NODE_EXTRA_CA_CERTS" in recipe
 
 
@@ -240,10 +247,9 @@ def test_sessions_on_the_overlay_cannot_reach_each_other(
     cluster: Cluster,  # noqa: F811
     two_sessions: list[Session],
 ) -> None:
-    # The attempt from the first session is routed out of the worker's default route
-    # (an overlay address of another network is not on its link): off this machine, which
-    # tests may not reach. It comes back once the workers carry the session firewall.
-    pytest.skip("the probe would leave this machine until worker nodes have the firewall")
+    # The attempt from the first session is routed out of the worker's default route (an
+    # overlay address of another network is not on its link), where the node guard's
+    # rules refuse it before it leaves the node.
     first, second = two_sessions
     (task,) = [t for t in service_of(second).tasks() if t["Status"]["State"] == "running"]
     (attachment,) = task["NetworksAttachments"]

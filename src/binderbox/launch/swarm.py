@@ -30,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 import docker.errors
@@ -56,6 +59,14 @@ _CA_IN_IMAGE = "/etc/binderbox-hub-ca.crt"
 HUB_REPOSITORY = "binderbox-swarm-hub"
 # Label of the per-session overlay networks, so a stopping hub finds leftovers.
 LABEL_NETWORK = "binderbox.session-network"
+# Label of the pre-pull jobs.
+LABEL_PREPULL = "binderbox.prepull"
+# Label of the node guard service (the session firewall on every node, nodeguard.py).
+LABEL_GUARD = "binderbox.guard"
+# Seconds a node keeps its guard label after its guard stopped running.
+GUARD_GRACE = 60.0
+
+logger = logging.getLogger("binderbox.swarm")
 
 
 class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
@@ -70,6 +81,12 @@ class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
     hub_container = Unicode("", config=True, help="The hub's container (joins session networks).")
     proxy_container = Unicode(
         "", config=True, help="The proxy's container (joins session networks)."
+    )
+    guard_label = Unicode(
+        "",
+        config=True,
+        help="Node label that says the session firewall is in place on a node; when set, "
+        "sessions run only on nodes labelled with it (empty: the firewall is off).",
     )
 
     @default("use_internal_ip")
@@ -87,6 +104,11 @@ class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
     @property
     def session_network(self) -> str:
         return f"{self.object_name}-net"
+
+    @default("network_name")
+    def _network_name_default(self) -> str:
+        # Also after a hub restart, when the spawner is made from the database.
+        return self.session_network
 
     async def _apply_session_options(self, user_options: dict[str, Any]) -> None:
         """Check the request; the image runs from the registry under its checked name."""
@@ -193,6 +215,10 @@ class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
         if self.cpu_guarantee:
             reservations["NanoCPUs"] = int(self.cpu_guarantee * 1e9)
         constraints = [c.strip() for c in self.constraints.split(",") if c.strip()]
+        if self.guard_label:
+            # Fail closed: only where the node guard has put the firewall rules in place.
+            await self._check_guarded_nodes()
+            constraints.append(f"node.labels.{self.guard_label}==on")
         task = TaskTemplate(
             container_spec=container,
             resources={"Limits": limits, "Reservations": reservations},
@@ -211,6 +237,30 @@ class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
             await asyncio.sleep(0.2)
         return service
 
+    async def _check_guarded_nodes(self) -> None:
+        nodes = await self.docker("nodes")
+        if not any(
+            (node["Spec"].get("Labels") or {}).get(self.guard_label) == "on"
+            and node.get("Status", {}).get("State") == "ready"
+            for node in nodes
+        ):
+            raise _spawn_error(
+                "No Swarm node has the session firewall in place (binderbox's node guard "
+                "runs on none that is up), so sessions cannot start; see the operator's "
+                "status page.",
+                reason="firewall",
+                status=503,
+            )
+
+    async def _guard_runs_on(self, node: str) -> bool:
+        # The guard service is named after the spawner's prefix (SwarmBackend.guard_name).
+        filters = {"service": f"{self.prefix}-guard", "node": node, "desired-state": "running"}
+        try:
+            tasks = await self.docker("tasks", filters=filters)
+        except docker.errors.APIError:
+            return False
+        return any(t["Status"]["State"] == "running" for t in tasks)
+
     async def start_object(self) -> None:
         """Wait until the task runs; fail at once, with Swarm's reason, when it cannot."""
         self._progress(30, "Waiting for Swarm to place the session and pull its image")
@@ -223,6 +273,13 @@ class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
             state = status["State"].lower()
             if state == "running":
                 node = task.get("NodeID", "")
+                if self.guard_label and not await self._guard_runs_on(node):
+                    # The label lags a guard that stopped a moment ago: do not stay there.
+                    raise _spawn_error(
+                        f"The node {await self._node_name(node)} has no session firewall in "
+                        "place right now; the session was not started there.",
+                        reason="firewall",
+                    )
                 self._progress(50, f"Running on node {await self._node_name(node)}")
                 return
             if state in {"failed", "rejected", "shutdown", "complete", "orphaned", "remove"}:
@@ -252,6 +309,36 @@ class BinderSwarmSpawner(BinderSpawnerMixin, SwarmSpawner):
             if attachment["Network"]["Spec"]["Name"] == self.network_name:
                 return attachment["Addresses"][0].split("/")[0], self.port
         raise _spawn_error("The session has no address on its network.", reason="network")
+
+    async def poll(self) -> Any:
+        """Stopped when Swarm says so, and also when the session's node is down: Swarm
+        keeps reporting a task of a lost node as running, and the hub would count (and
+        proxy to) a session that is gone with its machine. A stopped session's service
+        and network are removed here: the hub calls stop() only on servers it thinks run."""
+        status = await self._poll_status()
+        if status is not None and self.remove and self.object_id:
+            await self.remove_object()
+        return status
+
+    async def _poll_status(self) -> Any:
+        task = await self.get_task()
+        if task and task["Status"]["State"] == "running" and task.get("NodeID"):
+            try:
+                node = await self.docker("inspect_node", task["NodeID"])
+            except docker.errors.NotFound:
+                node = {"Status": {"State": "unknown"}}
+            except docker.errors.APIError:
+                return None  # the manager is busy: judge at the next poll
+            state = node.get("Status", {}).get("State", "unknown")
+            if state != "ready":
+                self.log.warning(
+                    "Session %s is lost: its node %s is %s.",
+                    self.service_name,
+                    node.get("Description", {}).get("Hostname", task["NodeID"][:12]),
+                    state,
+                )
+                return f"node {state}"
+        return await super().poll()
 
     async def _fail_if_stopped(self) -> None:
         task = await self.get_task()
@@ -283,6 +370,17 @@ def hub_id_for(settings: Settings) -> str:
     return hashlib.sha256(f"swarm:{state}".encode()).hexdigest()[:12]
 
 
+def guarded(settings: Settings) -> bool:
+    """Whether sessions need the node guard: on a Swarm "auto" means "required", since
+    binderbox cannot see from the manager whether a node may go without."""
+    return settings.session_firewall != "off"
+
+
+def guard_label_for(hub_id: str) -> str:
+    """The node label the node guard's nodes get (``on``), one per deployment."""
+    return f"binderbox-guard-{hub_id}"
+
+
 def _source_root() -> Path:
     # src/binderbox/launch/swarm.py → the project (pyproject.toml beside src/).
     return Path(__file__).resolve().parents[3]
@@ -297,10 +395,13 @@ def hub_image_recipe(base: str, ca: bool) -> str:
             f"ENV SSL_CERT_FILE={_CA_IN_IMAGE} NODE_EXTRA_CA_CERTS={_CA_IN_IMAGE}",
         ]
     lines += [
+        # iptables for the node guard (nodeguard.py), which runs from this image.
+        "RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends iptables"
+        " && rm -rf /var/lib/apt/lists/*",
         "COPY binderbox /opt/binderbox-src",
         "RUN npm install -g --no-audit --no-fund --loglevel=error configurable-http-proxy@5",
         # binderbox itself (its spawner) and its dependencies, into the venv of JupyterHub.
-        "RUN uv pip install --python /srv/venv/bin/python /opt/binderbox-src",
+        "RUN uv pip install --python /srv/venv/bin/python '/opt/binderbox-src[postgres]'",
         "ENV PATH=/srv/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"WORKDIR {_HUB_DATA}",
     ]
@@ -370,7 +471,7 @@ def ensure_hub_image(settings: Settings, client: docker.DockerClient) -> str:
 
 def render_hub_config(settings: Settings, *, hub_id: str, hub: str, proxy: str) -> str:
     """The jupyterhub_config.py of the hub container (pure; tokens come from its env)."""
-    from binderbox.launch.hub import SERVICE_NAME, culler_and_roles
+    from binderbox.launch.hub import HUB_DB_URL_ENV, SERVICE_NAME, culler_and_roles
     from binderbox.registry import registry_address
 
     s = settings
@@ -387,7 +488,11 @@ def render_hub_config(settings: Settings, *, hub_id: str, hub: str, proxy: str) 
         "c.ConfigurableHTTPProxy.should_start = False",
         f"c.ConfigurableHTTPProxy.api_url = 'http://{proxy}:8001'",
         "c.ConfigurableHTTPProxy.auth_token = os.environ['CONFIGPROXY_AUTH_TOKEN']",
-        f"c.JupyterHub.db_url = 'sqlite:///{_HUB_DATA}/jupyterhub.sqlite'",
+        (
+            f"c.JupyterHub.db_url = os.environ[{HUB_DB_URL_ENV!r}]"
+            if s.database_url
+            else f"c.JupyterHub.db_url = 'sqlite:///{_HUB_DATA}/jupyterhub.sqlite'"
+        ),
         f"c.JupyterHub.cookie_secret_file = '{_HUB_DATA}/jupyterhub_cookie_secret'",
         "c.JupyterHub.cleanup_servers = False",
         "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 1}",
@@ -414,6 +519,7 @@ def render_hub_config(settings: Settings, *, hub_id: str, hub: str, proxy: str) 
         f"c.BinderSwarmSpawner.constraints = {s.swarm_constraints!r}",
         f"c.BinderSwarmSpawner.hub_container = {hub!r}",
         f"c.BinderSwarmSpawner.proxy_container = {proxy!r}",
+        f"c.BinderSwarmSpawner.guard_label = {guard_label_for(hub_id) if guarded(s) else ''!r}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -429,6 +535,15 @@ class SwarmBackend:
         self.proxy_name = f"binderbox-proxy-{self.hub_id}"
         self._token = ""
         self._launcher: Any = None
+        # Node id → images a pre-pull job finished on there (this process's knowledge).
+        self._prepulled: dict[str, set[str]] = {}
+        self._stopping = threading.Event()
+        self._prepuller: threading.Thread | None = None
+        self._guarder: threading.Thread | None = None
+        self.guard_name = f"binderbox-{self.hub_id}-guard"
+        self.guard_label = guard_label_for(self.hub_id)
+        # Node id → when its guard was last seen not running (for GUARD_GRACE).
+        self._unguarded_since: dict[str, float] = {}
 
     # -- SessionBackend ---------------------------------------------------------------
 
@@ -473,6 +588,7 @@ class SwarmBackend:
                 "Setting 'backend' is swarm, which needs 'registry_url' (and "
                 "'registry_pull_url' when the nodes reach the registry at another address)."
             )
+        hub_env = self._database_env()
         try:
             image = ensure_hub_image(self.settings, client)
             self._remove_containers(client)
@@ -518,6 +634,7 @@ class SwarmBackend:
                 environment={
                     "CONFIGPROXY_AUTH_TOKEN": proxy_token,
                     "BINDERBOX_HUB_SERVICE_TOKEN": self._token,
+                    **hub_env,
                 },
                 volumes={
                     "/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"},
@@ -525,6 +642,11 @@ class SwarmBackend:
                 },
                 labels=labels,
             )
+            self._join_session_networks(client)
+            if guarded(self.settings):
+                self._start_guard(client, image, timeout)
+            else:
+                self._remove_guard(client)
             self._wait_until_up(client, timeout)
         except docker.errors.APIError as error:
             self.stop(keep_sessions=True)
@@ -534,14 +656,44 @@ class SwarmBackend:
         except BaseException:
             self.stop(keep_sessions=True)
             raise
+        self._stopping.clear()
+        if guarded(self.settings):
+            self._guarder = threading.Thread(
+                target=self._guard_loop, name="binderbox-node-guard", daemon=True
+            )
+            self._guarder.start()
+        if self.settings.swarm_prepull_every and (
+            self.settings.swarm_prepull_top or self.settings.swarm_prepull_images
+        ):
+            self._prepuller = threading.Thread(
+                target=self._prepull_loop, name="binderbox-prepull", daemon=True
+            )
+            self._prepuller.start()
 
     def stop(self, keep_sessions: bool = False) -> None:
+        self._stopping.set()
+        for thread in (self._prepuller, self._guarder):
+            if thread is not None:
+                thread.join(timeout=5)
+        self._prepuller = self._guarder = None
         with contextlib.suppress(BinderboxError):
             client = _docker()
             self._remove_containers(client)
+            label = [f"{LABEL_HUB}={self.hub_id}", LABEL_PREPULL]
+            for job in client.services.list(filters={"label": label}):
+                with contextlib.suppress(docker.errors.APIError):
+                    job.remove()
             if not keep_sessions:
+                # Sessions first, then the firewall that guarded them (the guard's tasks
+                # take their rules off as they stop).
                 self._remove_sessions(client)
+                self._remove_guard(client)
+                # Its users' servers are gone: a fresh hub database for the next start.
                 (self.state_dir / "jupyterhub.sqlite").unlink(missing_ok=True)
+                if self.settings.database_url:
+                    from binderbox.state_postgres import reset_hub_database
+
+                    reset_hub_database(self.settings.database_url)
         self._token = ""
         self._launcher = None
 
@@ -556,20 +708,51 @@ class SwarmBackend:
         return await self.launcher().healthy()
 
     def notes(self) -> list[str]:
+        if not guarded(self.settings):
+            firewall = "the session firewall is off (session_firewall = off)"
+        else:
+            firewall = (
+                f"the session firewall is set on each node by the Swarm service "
+                f"{self.guard_name}, and sessions run only on nodes where it runs"
+            )
         return [
-            "Sessions run on Docker Swarm nodes, each on an overlay network of its own; "
-            "the session firewall does not cover other nodes."
+            f"Sessions run on Docker Swarm nodes, each on an overlay network of its own; "
+            f"{firewall}."
         ]
 
     def describe(self) -> dict[str, Any]:
-        nodes = []
+        """The backend and its nodes: each node's state, its running sessions and the
+        session images on it (those its sessions run and those pre-pulled there)."""
+        nodes: list[dict[str, Any]] = []
         with contextlib.suppress(BinderboxError, docker.errors.APIError):
-            for node in _docker().nodes.list():
+            client = _docker()
+            sessions: dict[str, int] = {}
+            images: dict[str, set[str]] = {}
+            for task in self._tasks(client):
+                node, image = task.get("NodeID", ""), self._short_image(task)
+                if task["Status"]["State"] != "running" or not node:
+                    continue
+                if task["_session"]:
+                    sessions[node] = sessions.get(node, 0) + 1
+                    images.setdefault(node, set()).add(image)
+            for node in client.nodes.list():
+                attrs = node.attrs
+                labels = attrs["Spec"].get("Labels") or {}
                 nodes.append(
                     {
-                        "name": node.attrs["Description"]["Hostname"],
-                        "role": node.attrs["Spec"]["Role"],
-                        "state": node.attrs["Status"]["State"],
+                        "name": attrs["Description"]["Hostname"],
+                        "role": attrs["Spec"]["Role"],
+                        "state": attrs["Status"]["State"],
+                        "availability": attrs["Spec"].get("Availability", ""),
+                        "sessions": sessions.get(node.id, 0),
+                        "firewall": (
+                            "on"
+                            if labels.get(self.guard_label) == "on"
+                            else ("off" if guarded(self.settings) else "off (not wanted)")
+                        ),
+                        "images": " ".join(
+                            sorted(images.get(node.id, set()) | self._prepulled.get(node.id, set()))
+                        ),
                     }
                 )
         return {
@@ -579,6 +762,269 @@ class SwarmBackend:
             "nodes": nodes,
         }
 
+    # -- the node guard: the session firewall on every node -------------------------------
+
+    def _start_guard(self, client: docker.DockerClient, image: str, timeout: float) -> None:
+        """Run the node guard (nodeguard.py) on every node sessions may use, from the hub
+        image in the registry, and wait until it guards at least one ready node. A guard
+        that runs already with this image and these rules is kept (no unguarded gap
+        across a restart)."""
+        from binderbox.launch.nodeguard import READY_FILE
+        from binderbox.registry import RegistryImageStore
+
+        store = RegistryImageStore(self.settings)
+        if not store.exists(image):
+            store.push(image)
+        reference = store.reference(image)
+        command = [
+            "python",
+            "-m",
+            "binderbox.launch.nodeguard",
+            self.hub_id,
+            self.settings.session_blocked_networks,
+        ]
+        constraints = [c.strip() for c in self.settings.swarm_constraints.split(",") if c.strip()]
+        with contextlib.suppress(docker.errors.NotFound):
+            running = client.services.get(self.guard_name)
+            spec = running.attrs["Spec"]["TaskTemplate"]
+            same = (
+                spec["ContainerSpec"]["Image"].split("@", 1)[0] == reference
+                and spec["ContainerSpec"].get("Args") == command
+                and (spec.get("Placement") or {}).get("Constraints") == (constraints or None)
+            )
+            if same:
+                self._wait_guarded(client, time.monotonic() + timeout)
+                return
+            running.remove()
+        second = 1_000_000_000
+        client.services.create(
+            reference,
+            args=command,
+            name=self.guard_name,
+            labels={LABEL_HUB: self.hub_id, LABEL_GUARD: "1"},
+            mode=docker.types.ServiceMode("global"),
+            networks=["host"],
+            user="0:0",
+            cap_add=["NET_ADMIN", "NET_RAW"],
+            constraints=constraints or None,
+            # Swarm calls a task running only once it is healthy: once the rules are set.
+            healthcheck=docker.types.Healthcheck(
+                test=["CMD", "test", "-f", str(READY_FILE)],
+                interval=second,
+                timeout=5 * second,
+                retries=3,
+                start_period=30 * second,
+            ),
+            restart_policy=RestartPolicy(condition="any", delay=5 * second),
+            resources=docker.types.Resources(cpu_limit=int(0.2e9), mem_limit=256 * 1024**2),
+        )
+        self._wait_guarded(client, time.monotonic() + timeout)
+
+    def _wait_guarded(self, client: docker.DockerClient, deadline: float) -> None:
+        """Label the guarded nodes until every ready node with a guard task is guarded;
+        past the deadline, go on if one is (the others join as their guard comes up) and
+        fail in one sentence if none is."""
+        while True:
+            guarded_nodes, problems = self._sync_guard_labels(client)
+            if guarded_nodes and not problems:
+                return
+            if time.monotonic() > deadline:
+                if guarded_nodes:
+                    for node, problem in problems.items():
+                        logger.warning("The node guard is not up on %s: %s", node, problem)
+                    return
+                detail = "; ".join(f"{n}: {p}" for n, p in problems.items()) or "no node for it"
+                raise BinderboxError(
+                    "The session firewall could not be put in place on any Swarm node "
+                    f"({detail}); set 'session_firewall' to off only if sessions may reach "
+                    "the nodes and their networks."
+                )
+            time.sleep(0.5)
+
+    def _sync_guard_labels(self, client: docker.DockerClient) -> tuple[set[str], dict[str, str]]:
+        """Label ``on`` the nodes whose guard task runs (healthy), take the label off the
+        others once their guard has not run for GUARD_GRACE seconds. Returns the guarded
+        node ids and, per ready node whose guard is not running yet, what its task says."""
+        try:
+            service = client.services.get(self.guard_name)
+        except docker.errors.NotFound:
+            tasks: list[dict[str, Any]] = []
+        else:
+            tasks = service.tasks(filters={"desired-state": "running"})
+        running = {t["NodeID"] for t in tasks if t["Status"]["State"] == "running"}
+        guarded_nodes: set[str] = set()
+        problems: dict[str, str] = {}
+        now = time.monotonic()
+        for node in client.nodes.list():
+            attrs = node.attrs
+            spec = attrs["Spec"]
+            labels = dict(spec.get("Labels") or {})
+            ready = attrs["Status"]["State"] == "ready"
+            on = node.id in running and ready
+            if on:
+                guarded_nodes.add(node.id)
+                self._unguarded_since.pop(node.id, None)
+            else:
+                since = self._unguarded_since.setdefault(node.id, now)
+                if labels.get(self.guard_label) == "on" and now - since < GUARD_GRACE:
+                    # Swarm stops a node's sessions once it no longer matches their
+                    # constraints: a guard restarting (or a node's blip) must not do that.
+                    # New sessions are kept off meanwhile by the spawner's own check.
+                    on = True
+            if ready and node.id not in running:
+                mine = [t for t in tasks if t.get("NodeID") == node.id]
+                if mine:
+                    status = mine[0]["Status"]
+                    problems[attrs["Description"]["Hostname"]] = (
+                        f"{status['State']}: {status.get('Err') or status.get('Message', '')}"
+                    )
+            if (labels.get(self.guard_label) == "on") != on:
+                if on:
+                    labels[self.guard_label] = "on"
+                else:
+                    labels.pop(self.guard_label, None)
+                # APIError: the node changed meanwhile (its version); the next round retries.
+                with contextlib.suppress(docker.errors.APIError):
+                    node.update({**spec, "Labels": labels})
+        return guarded_nodes, problems
+
+    def _guard_loop(self) -> None:
+        """Keep the node labels in step with the guard's tasks (a node that joins gets
+        sessions once its guard runs; one whose guard stops gets no more)."""
+        while not self._stopping.wait(2):
+            try:
+                self._sync_guard_labels(_docker())
+            except (BinderboxError, docker.errors.APIError) as error:
+                logger.warning("Checking the node guard failed: %s", error)
+
+    def _remove_guard(self, client: docker.DockerClient) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.services.get(self.guard_name).remove()
+        for node in client.nodes.list():
+            spec = node.attrs["Spec"]
+            labels = dict(spec.get("Labels") or {})
+            if labels.pop(self.guard_label, None) is not None:
+                with contextlib.suppress(docker.errors.APIError):
+                    node.update({**spec, "Labels": labels})
+
+    # -- pre-pulling ---------------------------------------------------------------------
+
+    def prepull(self, images: list[str], timeout: float = 900) -> dict[str, set[str]]:
+        """Pull each image (binderbox names) onto every ready node sessions may run on,
+        with a Swarm global job per image that runs ``true`` from it, locked down like a
+        session (no network, no capabilities, nobody's uid). Returns image → the node ids
+        it is on now. Blocking; a job that fails on a node leaves that node out."""
+        client = _docker()
+        registry = self._registry_prefix()
+        done: dict[str, set[str]] = {}
+        jobs = {image: self._start_prepull(client, registry + image) for image in images}
+        deadline = time.monotonic() + timeout
+        try:
+            for image, service in jobs.items():
+                done[image] = self._wait_prepull(client, service, deadline)
+                for node in done[image]:
+                    self._prepulled.setdefault(node, set()).add(image)
+        finally:
+            for service in jobs.values():
+                with contextlib.suppress(docker.errors.APIError):
+                    service.remove()
+        return done
+
+    def prepull_wanted(self, client: docker.DockerClient | None = None) -> list[str]:
+        """What to pre-pull now: the images named in swarm_prepull_images, then the
+        swarm_prepull_top images with the most sessions running, leaving out those every
+        ready node has already."""
+        s = self.settings
+        client = client or _docker()
+        counts: dict[str, int] = {}
+        for task in self._tasks(client):
+            if task["_session"] and task["Status"]["State"] == "running":
+                image = self._short_image(task)
+                counts[image] = counts.get(image, 0) + 1
+        popular = sorted(counts, key=lambda image: -counts[image])[: s.swarm_prepull_top]
+        named = [name.strip() for name in s.swarm_prepull_images.split(",") if name.strip()]
+        ready = {
+            node.id
+            for node in client.nodes.list(filters={"role": "worker"})
+            if node.attrs["Status"]["State"] == "ready"
+        }
+        wanted = []
+        for image in dict.fromkeys([*named, *popular]):
+            have = {node for node, images in self._prepulled.items() if image in images}
+            if not ready <= have:
+                wanted.append(image)
+        return wanted
+
+    def _registry_prefix(self) -> str:
+        from binderbox.registry import registry_address
+
+        s = self.settings
+        return registry_address(s.registry_pull_url or s.registry_url) + "/"
+
+    def _start_prepull(self, client: docker.DockerClient, reference: str) -> Any:
+        name = (
+            f"binderbox-{self.hub_id}-prepull-{hashlib.sha256(reference.encode()).hexdigest()[:10]}"
+        )
+        with contextlib.suppress(docker.errors.NotFound):
+            client.services.get(name).remove()  # a leftover of a stopped process
+        constraints = [c.strip() for c in self.settings.swarm_constraints.split(",") if c.strip()]
+        return client.services.create(
+            reference,
+            command=["true"],
+            name=name,
+            labels={LABEL_HUB: self.hub_id, LABEL_PREPULL: "1"},
+            mode=docker.types.ServiceMode("global-job"),
+            user="65534:65534",
+            cap_drop=["ALL"],
+            constraints=constraints or None,
+            restart_policy=RestartPolicy(condition="none"),
+            resources=docker.types.Resources(cpu_limit=int(0.5e9), mem_limit=128 * 1024**2),
+        )
+
+    def _wait_prepull(self, client: docker.DockerClient, service: Any, deadline: float) -> set[str]:
+        """The nodes where the job's task completed, once none on a ready node is still on
+        its way (a node that is down would keep its task waiting)."""
+        final = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            ready = {
+                node.id for node in client.nodes.list() if node.attrs["Status"]["State"] == "ready"
+            }
+            tasks = service.tasks()
+            waiting = [
+                t for t in tasks if t["Status"]["State"] not in final and t.get("NodeID") in ready
+            ]
+            if tasks and not waiting:
+                break
+            time.sleep(0.5)
+        return {t["NodeID"] for t in service.tasks() if t["Status"]["State"] == "complete"}
+
+    def _prepull_loop(self) -> None:
+        """Every swarm_prepull_every seconds, pre-pull what prepull_wanted names."""
+        every = self.settings.swarm_prepull_every
+        while not self._stopping.wait(every):
+            try:
+                wanted = self.prepull_wanted()
+                if wanted:
+                    self.prepull(wanted)
+            except (BinderboxError, docker.errors.APIError) as error:
+                # Next round tries again; launches pull for themselves meanwhile.
+                logger.warning("Pre-pulling session images failed: %s", error)
+
+    def _tasks(self, client: docker.DockerClient) -> list[dict[str, Any]]:
+        """The running tasks of this deployment's session services (``_session`` True)."""
+        found = []
+        label = f"{LABEL_HUB}={self.hub_id}"
+        for service in client.services.list(filters={"label": label}):
+            is_session = LABEL_SESSION in service.attrs["Spec"].get("Labels", {})
+            for task in service.tasks(filters={"desired-state": "running"}):
+                found.append({**task, "_session": is_session})
+        return found
+
+    def _short_image(self, task: dict[str, Any]) -> str:
+        """A task's image as binderbox names it (no registry, no digest)."""
+        image = task["Spec"]["ContainerSpec"]["Image"].split("@", 1)[0]
+        return image.rsplit("/", 1)[-1]
+
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(BinderboxError, docker.errors.APIError):
             raw = _docker().containers.get(self.hub_name).logs(tail=lines)
@@ -586,6 +1032,26 @@ class SwarmBackend:
         return ""
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _database_env(self) -> dict[str, str]:
+        """With database_url, the hub's own database on that server (made if missing),
+        which the hub container must reach: a loopback address would be its own."""
+        url = self.settings.database_url
+        if not url:
+            return {}
+        from binderbox.launch.hub import HUB_DB_URL_ENV
+        from binderbox.service.public import is_loopback
+        from binderbox.state_postgres import ensure_hub_database
+
+        host = urlsplit(url).hostname or ""
+        if not host or is_loopback(host):
+            raise BinderboxError(
+                "Setting 'backend' is swarm and 'database_url' names PostgreSQL on "
+                f"{host or 'a local socket'}, which the hub's container cannot reach: use an "
+                "address of the database server that containers reach (e.g. the Swarm "
+                "network's gateway, with PostgreSQL listening there)."
+            )
+        return {HUB_DB_URL_ENV: ensure_hub_database(url)}
 
     def _wait_until_up(self, client: docker.DockerClient, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -610,6 +1076,15 @@ class SwarmBackend:
                         log_tail=self.log_tail(),
                     )
                 time.sleep(0.3)
+
+    def _join_session_networks(self, client: docker.DockerClient) -> None:
+        """Attach new hub and proxy containers to the networks of sessions that outlived
+        the last ones (a restart): only there can the proxy reach them."""
+        label = [f"{LABEL_HUB}={self.hub_id}", LABEL_NETWORK]
+        for network in client.networks.list(filters={"label": label}):
+            for container in (self.hub_name, self.proxy_name):
+                with contextlib.suppress(docker.errors.APIError):
+                    network.connect(container)
 
     def _remove_containers(self, client: docker.DockerClient) -> None:
         for name in (self.hub_name, self.proxy_name):

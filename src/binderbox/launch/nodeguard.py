@@ -1,0 +1,77 @@
+"""The session firewall on every Swarm node sessions run on.
+
+On one machine ``serve`` puts the firewall rules (firewall.py) on the sessions' bridge.
+On a Swarm, sessions sit on overlay networks of their own, and what leaves an overlay
+network for anywhere else goes through the node's ``docker_gwbridge``: out of the node
+(forwarded, Docker's DOCKER-USER chain) or to the node's own services (INPUT). So each
+node gets the same rules on its ``docker_gwbridge``, set by a Swarm global service that
+runs this module in the node's network namespace with NET_ADMIN, and takes them off again
+when it is stopped (the service is removed).
+
+Without it, a session could open connections to the node's services, to private
+networks (cloud metadata, the registry, the database) and, since an address of another
+overlay network is not on its link, to other sessions through the node's default route.
+
+Run: ``python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from binderbox.config import parse_networks
+from binderbox.launch.firewall import FirewallError, Iptables, apply, nameservers, remove
+
+# The bridge of a node that carries overlay networks' traffic to everywhere else.
+GATEWAY_BRIDGE = "docker_gwbridge"
+# What the guard prints, and the file it makes, once its rules are in place: the service's
+# health check looks for the file, and Swarm calls the task running only once it is healthy.
+READY = "binderbox node guard: rules in place"
+READY_FILE = Path("/tmp/binderbox-node-guard-ready")
+
+
+def node_iptables() -> Iptables:
+    """The iptables the node's dockerd uses: its DOCKER-USER chain is in the nf_tables
+    or in the legacy tables, whichever this image's default is."""
+    for command in ("iptables-nft", "iptables-legacy"):
+        candidate = Iptables(command)
+        try:
+            if candidate.chain_exists("DOCKER-USER"):
+                return candidate
+        except OSError:  # that variant is not installed
+            continue
+    return Iptables()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS", file=sys.stderr)
+        return 2
+    owner, blocked_text = argv
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        # The overlay networks carry no IPv6 here (sessions get none), so IPv4 rules.
+        iptables = node_iptables()
+        apply(GATEWAY_BRIDGE, parse_networks(blocked_text), nameservers(), iptables, owner=owner)
+    except (FirewallError, OSError, ValueError) as error:
+        print(f"binderbox node guard: the rules cannot be set: {error}", file=sys.stderr)
+        return 1
+    READY_FILE.touch()
+    print(READY, flush=True)
+    stop.wait()
+    READY_FILE.unlink(missing_ok=True)
+    try:
+        remove(GATEWAY_BRIDGE, iptables, owner=owner)
+    except (FirewallError, OSError) as error:
+        print(f"binderbox node guard: the rules could not be taken off: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from binderbox.builder import stack
+from binderbox.builder import lock, stack
 from binderbox.builder.plan import AptPackage, BuildPlan, Requirements
 from binderbox.builder.render import (
     ENTRYPOINT_SCRIPT,
@@ -238,7 +238,8 @@ def test_entrypoint_uses_tini_and_the_entrypoint_script():
     )
     assert lines[-1] == 'CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser"]'
     assert "COPY binderbox/entrypoint /usr/local/bin/binderbox-entrypoint" in lines
-    assert recipe.support_files == {"entrypoint": ENTRYPOINT_SCRIPT}
+    assert recipe.support_files["entrypoint"] == ENTRYPOINT_SCRIPT
+    assert set(recipe.support_files) == {"entrypoint", lock.COLLECTOR}
     assert ENTRYPOINT_SCRIPT.rstrip().endswith('exec "$@"')
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +18,8 @@ from binderbox import __version__
 from binderbox.builder import base as base_image
 from binderbox.builder.detect import detect
 from binderbox.builder.engine import DockerEngine, docker_client
-from binderbox.builder.pipeline import BuildRequest, build_repository, checked_subdir
+from binderbox.builder.lock import MAX_LOCK_BYTES, Lock, parse_lock
+from binderbox.builder.pipeline import BuildRequest, build_repository, checked_subdir, image_lock
 from binderbox.builder.render import ImageOptions, render
 from binderbox.config import Settings, load_settings
 from binderbox.errors import BinderboxError, BuildFailed, UsageError
@@ -73,10 +78,10 @@ def _guarded(out: Output, action: Callable[[], int | None]) -> None:
     sys.exit(code)
 
 
-def build_options(func: Callable[..., Any]) -> Callable[..., Any]:
+def build_options(func: Callable[..., Any], repo_required: bool = True) -> Callable[..., Any]:
     """The build flags shared by ``build`` and ``run`` (repo2docker's names)."""
     decorators = [
-        click.argument("repo"),
+        click.argument("repo", required=repo_required, default=None if repo_required else ""),
         click.option("--ref", default="", help="Branch, tag or commit (git URLs only)."),
         click.option("--image-name", default="", help="Name the image instead of deriving it."),
         click.option("--subdir", default="", help="Build from this folder of the repository."),
@@ -158,8 +163,20 @@ def base(suite: str | None, rebuild: bool, config_file: str | None) -> None:
 
 
 @main.command()
-@build_options
+@functools.partial(build_options, repo_required=False)
 @click.option("--no-build", is_flag=True, help="Print the generated Dockerfile and stop.")
+@click.option(
+    "--lock-out",
+    default=None,
+    metavar="FILE",
+    help="Write the build's lock here (default: locks/ in the state directory).",
+)
+@click.option(
+    "--from-lock",
+    default=None,
+    metavar="FILE",
+    help="Rebuild exactly the environment of this lock (REPO: where the repository is now).",
+)
 def build(
     repo: str,
     ref: str,
@@ -167,21 +184,126 @@ def build(
     config_file: str | None,
     base_image: str | None,
     no_build: bool,
+    lock_out: str | None,
+    from_lock: str | None,
     **options: Any,
 ) -> None:
-    """Build an image from REPO (a folder, a git URL, a DOI or a data record's address)."""
+    """Build an image from REPO (a folder, a git URL, a DOI or a data record's address).
+
+    With --from-lock FILE, rebuild the environment that lock records (the same base
+    image, Debian and Python packages at their versions, the repository at its commit);
+    REPO is then optional and says where the repository is now.
+    """
     out = Output(json_logs=json_logs)
 
     def action() -> None:
         settings = _settings(config_file, base_image=base_image)
-        if no_build:
+        if from_lock:
+            for flag, given in (
+                ("--no-build", no_build),
+                ("--ref", ref),
+                ("--base-image", base_image),
+            ):
+                if given:
+                    raise UsageError(
+                        f"{flag} does not go with --from-lock: the lock decides the commit and "
+                        "the base image."
+                    )
+            request = _locked_request(repo, read_lock_file(from_lock), settings, options)
+        elif not repo:
+            raise UsageError("Give REPO (a folder or a git URL) or --from-lock FILE.")
+        elif no_build:
             _print_dockerfile(repo, ref, settings, options)
             return
-        result = build_repository(_request(repo, ref, settings, **options), settings, out)
+        else:
+            request = _request(repo, ref, settings, **options)
+        result = build_repository(request, settings, out)
+        text = result.lock
+        if not text and result.reused:
+            try:
+                engine = DockerEngine.connect(settings.docker_cli)
+                text = image_lock(engine, result.image).text()
+            except BinderboxError as error:
+                out(Event("building", f"Warning: no lock was written: {error.message}"))
+        if text:
+            path = _write_lock(text, lock_out, settings, result.image)
+            out(Event("built", f"The build's lock: {path}", {"lock": str(path)}))
         if not json_logs:
             click.echo(result.image)
 
     _guarded(out, action)
+
+
+def read_lock_file(path: str) -> Lock:
+    """A lock file, read (bounded) and checked; one sentence when it cannot be used."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_LOCK_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"The lock file {path} cannot be read: {error.strerror}.") from None
+    return parse_lock(raw, f"The lock file {path}")
+
+
+def _locked_request(
+    repo: str, wanted: Lock, settings: Settings, options: dict[str, Any]
+) -> BuildRequest:
+    """The request that rebuilds ``wanted``: its commit and build options, the repository
+    from REPO when given (a clone, a copy, a mirror), else from where the lock says."""
+    locked = wanted.repository
+    chosen = {
+        "subdir": locked.subdir,
+        "user_id": wanted.user.id,
+        "user_name": wanted.user.name,
+        "target_repo_dir": wanted.user.target_repo_dir,
+    }
+    defaults = {"subdir": "", "user_id": 1000, "user_name": "jovyan", "target_repo_dir": ""}
+    for key, value in chosen.items():
+        if options[key] != defaults[key] and options[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} differs from the lock's ({value!r}); leave it out.")
+        options[key] = value
+    where = repo or locked.url
+    if locked.provider == "local" and not repo and not Path(where).is_dir():
+        raise UsageError(
+            f"The lock's repository is the folder {where}, which is not on this machine; "
+            "give the folder it is in now as REPO."
+        )
+    ref = locked.commit if locked.provider == "git" and not Path(where).exists() else ""
+    request = _request(where, ref, settings, **options)
+    if locked.provider == "git" and isinstance(request.source, LocalSource):
+        _check_folder_commit(request.source.path, locked.commit)
+    return replace(request, lock=wanted)
+
+
+def _check_folder_commit(folder: Path, commit: str) -> None:
+    """A git lock rebuilt from a folder: when the folder is a git checkout, it must be
+    at the locked commit."""
+    head = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if head.returncode == 0 and head.stdout.strip() != commit:
+        raise UsageError(
+            f"The folder {folder} is at commit {head.stdout.strip()[:12]}, not at the locked "
+            f"{commit[:12]}; check it out there first (git checkout {commit[:12]})."
+        )
+
+
+def _write_lock(text: str, lock_out: str | None, settings: Settings, image: str) -> Path:
+    if lock_out:
+        path = Path(lock_out)
+    else:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", image).strip("-")
+        path = Path(settings.state_dir).expanduser() / "locks" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise UsageError(f"The lock cannot be written to {path}: {error.strerror}.") from None
+    return path
 
 
 def _print_dockerfile(repo: str, ref: str, settings: Settings, options: dict[str, Any]) -> None:

@@ -8,15 +8,18 @@ also what users see as the build log.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import secrets
 import subprocess
+import tarfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -91,10 +94,16 @@ class DockerEngine:
 
     docker_cli: str
     client: docker.DockerClient
+    # What the docker CLI needs besides this process's environment to reach the daemon
+    # (DOCKER_HOST and its TLS files, for a build node's dockerd).
+    cli_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def connect(cls, docker_cli: str) -> DockerEngine:
         return cls(docker_cli=docker_cli, client=docker_client())
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, **self.cli_env, **extra}
 
     def image_labels(self, name: str) -> dict[str, str] | None:
         """The labels of a local image, or None when there is no such image."""
@@ -109,6 +118,60 @@ class DockerEngine:
 
     def image_size(self, name: str) -> int:
         return int(self.client.images.get(name).attrs.get("Size", 0))
+
+    def image_attrs(self, name: str) -> dict[str, Any] | None:
+        """Docker's description of a local image (``Id``, ``RepoTags``, ``RepoDigests``,
+        ``Config``, ``Created``), or None when there is no such image."""
+        try:
+            return dict(self.client.images.get(name).attrs)
+        except docker.errors.APIError as error:
+            if error.is_client_error():  # not found, or not a valid name
+                return None
+            raise
+
+    def tag(self, image: str, name: str) -> None:
+        """Give a local image (a name or id) one more name, ``repository:tag``."""
+        repository, _, tag = name.rpartition(":")
+        self.client.images.get(image).tag(repository, tag)
+
+    def pull(self, reference: str) -> bool:
+        """Pull ``reference`` (``name@sha256:…``); False when it cannot be got."""
+        try:
+            self.client.images.pull(reference)
+        except docker.errors.APIError:
+            return False
+        return True
+
+    def read_file(self, image: str, path: str, max_bytes: int) -> bytes | None:
+        """The content of the regular file ``path`` in ``image``, read from a container
+        that is created and removed but never started; None when there is no such file
+        (or it is a link, or larger than ``max_bytes``)."""
+        container = self.client.containers.create(
+            image,
+            command=["true"],
+            network_disabled=True,
+            name=f"binderbox-read-{secrets.token_hex(6)}",
+        )
+        try:
+            try:
+                chunks, stat = container.get_archive(path)
+            except docker.errors.NotFound:
+                return None
+            if int(stat.get("size", 0)) > max_bytes:
+                return None
+            archive = bytearray()
+            for chunk in chunks:
+                archive += chunk
+                if len(archive) > max_bytes + 65536:  # the tar headers around the file
+                    return None
+        finally:
+            container.remove(force=True)
+        with tarfile.open(fileobj=io.BytesIO(bytes(archive))) as tar:
+            member = tar.next()
+            if member is None or not member.isfile() or member.size > max_bytes:
+                return None
+            handle = tar.extractfile(member)
+            return handle.read() if handle is not None else None
 
     def tags_of(self, repository: str) -> list[str]:
         """All local tags of an image repository such as ``binderbox/base``."""
@@ -148,7 +211,7 @@ class DockerEngine:
         if no_cache:
             command.append("--no-cache")
         command.append(str(context))
-        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        env = self._env(DOCKER_BUILDKIT="1")
         if docker_config is not None:
             env["DOCKER_CONFIG"] = str(docker_config)
         try:
@@ -234,11 +297,15 @@ class DockerEngine:
                     stdin=subprocess.DEVNULL,
                     timeout=timeout,
                     check=False,
+                    env=self._env(),
                 )
             except subprocess.TimeoutExpired:
                 # The container outlives the CLI that was killed: end it.
                 subprocess.run(
-                    [self.docker_cli, "rm", "--force", name], capture_output=True, check=False
+                    [self.docker_cli, "rm", "--force", name],
+                    capture_output=True,
+                    check=False,
+                    env=self._env(),
                 )
                 unknown = True
                 continue
@@ -252,7 +319,9 @@ class DockerEngine:
         for change in changes:
             command += ["--change", change]
         command += [str(tarball), tag]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            command, capture_output=True, text=True, check=False, env=self._env()
+        )
         if result.returncode != 0:
             raise BuildFailed(
                 f"Importing the base image failed: {result.stderr.strip()}",

@@ -5,25 +5,27 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 
+import docker.errors
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from binderbox import __version__
-from binderbox.builder import base, repofiles, stack
+from binderbox.builder import base, lock, repofiles, stack
 from binderbox.builder.cache import load_cache_secret
 from binderbox.builder.detect import detect
 from binderbox.builder.dockerfile_check import refusal
 from binderbox.builder.engine import DockerEngine
-from binderbox.builder.plan import BuildPlan
+from binderbox.builder.lock import Lock
+from binderbox.builder.plan import AptPackage, BuildPlan
 from binderbox.builder.render import REPO_IN_CONTEXT, SUPPORT_IN_CONTEXT, ImageOptions, render
 from binderbox.config import Settings
-from binderbox.errors import BaseImageUnavailable, ConfigError, UsageError
+from binderbox.errors import BaseImageUnavailable, BinderboxError, ConfigError, UsageError
 from binderbox.events import Emit, Event
 from binderbox.naming import image_name_for
-from binderbox.providers import Source
+from binderbox.providers import LocalSource, RecordSource, Source
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,21 @@ class BuildRequest:
     # (KEY, VALUE) pairs: extra image labels, and build arguments for a Dockerfile.
     labels: tuple[tuple[str, str], ...] = ()
     build_args: tuple[tuple[str, str], ...] = ()
+    # Rebuild exactly the environment of this lock (binderbox build --from-lock).
+    lock: Lock | None = None
 
     def non_default_options(self) -> dict[str, object]:
         """The options of this request that change the image and differ from the defaults
-        (the operator's settings are added by naming.image_name_for)."""
+        (the operator's settings are added by naming.image_name_for); a lock counts by
+        its digest."""
         defaults = BuildRequest(source=self.source)
-        return {
-            key: value
-            for key, value in asdict(self).items()
-            if key not in {"source", "image_name", "no_cache"} and value != getattr(defaults, key)
-        }
+        chosen: dict[str, object] = {}
+        for option in fields(self):
+            key, value = option.name, getattr(self, option.name)
+            if key in {"source", "image_name", "no_cache"} or value == getattr(defaults, key):
+                continue
+            chosen[key] = value.digest() if isinstance(value, Lock) else value
+        return chosen
 
     def image_for(self, settings: Settings, commit: str) -> str:
         """The name of this request's image for ``commit`` (or content id)."""
@@ -64,14 +71,20 @@ class BuildResult:
     reused: bool
     plan: BuildPlan | None
     seconds: float
+    # The build's lock file (builder/lock.py); "" for a reused image, or when it could
+    # not be recorded (a warning said why).
+    lock: str = ""
 
 
-def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> BuildResult:
-    """Build (or reuse) the image for a repository, reporting progress through ``emit``."""
+def build_repository(
+    request: BuildRequest, settings: Settings, emit: Emit, engine: DockerEngine | None = None
+) -> BuildResult:
+    """Build (or reuse) the image for a repository, reporting progress through ``emit``;
+    on this machine's dockerd, or on ``engine``'s (a build node)."""
     started = time.monotonic()
     subdir = checked_subdir(request.subdir)
     source = request.source
-    engine = DockerEngine.connect(settings.docker_cli)
+    engine = engine or DockerEngine.connect(settings.docker_cli)
 
     emit(Event("fetching", f"Resolving {_describe(source)}"))
     commit = source.resolve()
@@ -86,6 +99,8 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
         emit(Event("fetching", f"Fetching {_describe(source)}"))
         fetched = source.fetch(checkout)
         commit = fetched.commit
+        if request.lock:
+            check_locked_commit(request.lock, source, commit, emit)
         if not image:
             image = request.image_for(settings, commit)
             if _reusable(engine, image, request, commit):
@@ -113,11 +128,14 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
             "binderbox.ref": source.ref,
             "binderbox.commit": commit,
             "binderbox.version": __version__,
+            lock.LABEL_PROVIDER: provider_of(source),
             "repo2docker.repo": source.repo_url,
             "repo2docker.ref": source.ref or commit,
         }
         if request.subdir:
             labels["binderbox.subdir"] = subdir
+        if request.lock:
+            labels[lock.LABEL_FROM_LOCK] = request.lock.digest()
         labels.update(dict(request.labels))
 
         def log_line(line: str) -> None:
@@ -157,7 +175,13 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                     log_tail=err.log_tail,
                 ) from None
         else:
-            base_image, foreign = _base_for(plan, settings, engine, emit)
+            if request.lock:
+                base_image, foreign = locked_base(request.lock, engine, emit)
+                plan, settings, locked_python = _locked_plan(plan, request.lock, settings)
+            else:
+                base_image, foreign = _base_for(plan, settings, engine, emit)
+                locked_python = ()
+            labels.update(_base_labels(engine, base_image, foreign))
             options = ImageOptions(
                 base_image=base_image,
                 foreign_base=foreign,
@@ -171,6 +195,8 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
                 index_url=settings.index_url,
                 cache_secret=load_cache_secret(settings.state_dir),
                 repository_slug=source.slug(),
+                locked_python=locked_python,
+                locked_apt=request.lock is not None,
             )
             recipe = render(plan, options)
             support = context / SUPPORT_IN_CONTEXT
@@ -199,9 +225,171 @@ def build_repository(request: BuildRequest, settings: Settings, emit: Emit) -> B
             )
         if plan.dockerfile:
             check_jupyter_server(engine, image, plan.dockerfile, settings, emit)
+    recorded = record_lock(engine, image, request.lock, emit)
     seconds = time.monotonic() - started
     emit(Event("built", f"Built {image} in {seconds:.1f} s", {"image": image}))
-    return BuildResult(image, commit, False, plan, seconds)
+    return BuildResult(image, commit, False, plan, seconds, recorded.text() if recorded else "")
+
+
+def check_locked_commit(wanted: Lock, source: Source, commit: str, emit: Emit) -> None:
+    """A rebuild from a lock builds the locked commit: a git repository or record whose
+    content is not the locked one is refused; a folder that differs is built with a
+    warning (it may be your own edited copy)."""
+    locked = wanted.repository
+    if provider_of(source) != locked.provider or commit == locked.commit:
+        return
+    if isinstance(source, LocalSource):
+        emit(
+            Event(
+                "building",
+                f"Warning: the folder's content ({commit[:12]}) is not the locked content "
+                f"({locked.commit[:12]}); it is built as it is now.",
+            )
+        )
+        return
+    raise UsageError(
+        f"{source.repo_url} is at {commit[:12]} now, not at the locked {locked.commit[:12]}; "
+        "binderbox rebuilds a lock only from its own commit."
+    )
+
+
+def provider_of(source: Source) -> str:
+    """The kind of repository, as locks name it: git, local, or a record's provider."""
+    if isinstance(source, LocalSource):
+        return "local"
+    if isinstance(source, RecordSource):
+        return source.provider
+    return "git"
+
+
+def _base_labels(engine: DockerEngine, base_image: str, foreign: bool) -> dict[str, str]:
+    """What the lock needs to know of the base: its name, content digest (image id) and
+    registry digests. A base not here yet (BuildKit pulls it) has no digest to record."""
+    attrs = engine.image_attrs(base_image) or {}
+    return {
+        lock.LABEL_BASE_IMAGE: base_image,
+        lock.LABEL_BASE_ID: str(attrs.get("Id", "")),
+        lock.LABEL_BASE_DIGESTS: ",".join(attrs.get("RepoDigests") or []),
+        lock.LABEL_BASE_KIND: "other" if foreign else "binderbox",
+    }
+
+
+def image_lock(engine: DockerEngine, image: str) -> Lock:
+    """The lock of a built image: its labels, its environment variables and the file its
+    last build step wrote. LockError (one sentence) when the image has none."""
+    attrs = engine.image_attrs(image)
+    if attrs is None:
+        raise lock.LockError(f"There is no image {image} to read a lock from.")
+    config = attrs.get("Config") or {}
+    labels = dict(config.get("Labels") or {})
+    if "binderbox.commit" not in labels:
+        raise lock.LockError(f"The image {image} was not built by binderbox; it has no lock.")
+    env = [item for item in config.get("Env") or [] if isinstance(item, str) and "=" in item]
+    variables = dict(item.split("=", 1) for item in env)
+    environment = None
+    if lock.LABEL_BASE_IMAGE in labels:  # rendered, so its last step wrote the file
+        environment = engine.read_file(image, lock.ENVIRONMENT_FILE, lock.MAX_LOCK_BYTES)
+        if environment is None:
+            raise lock.LockError(
+                f"The image {image} holds no {lock.ENVIRONMENT_FILE} (built by an older "
+                "binderbox?); rebuild it with --no-cache for a lock."
+            )
+    created = str(attrs.get("Created", ""))[:19] + "Z" if attrs.get("Created") else ""
+    return lock.lock_from_image(labels, variables, environment, image=image, created=created)
+
+
+def record_lock(engine: DockerEngine, image: str, wanted: Lock | None, emit: Emit) -> Lock | None:
+    """Read the lock of the image just built; a rebuild from ``wanted`` is compared with
+    it. A lock that cannot be read is a warning, never a failed build."""
+    try:
+        recorded = image_lock(engine, image)
+    except (BinderboxError, docker.errors.DockerException) as error:
+        reason = error.message if isinstance(error, BinderboxError) else str(error)
+        emit(Event("building", f"Warning: the build's lock could not be recorded: {reason}"))
+        return None
+    if wanted is None:
+        return recorded
+    if not wanted.has_environment:
+        emit(
+            Event(
+                "building",
+                "Warning: the lock records no environment (the image was built from a "
+                "Dockerfile), so only the repository's commit was reproduced.",
+            )
+        )
+        return recorded
+    changed = lock.differences(wanted, recorded)
+    if changed:
+        emit(
+            Event(
+                "building",
+                "Warning: the rebuilt environment differs from the lock: " + "; ".join(changed),
+                {"lock_differences": changed},
+            )
+        )
+    else:
+        python = len(recorded.python.packages) if recorded.python else 0
+        debian = len(recorded.debian or ())
+        emit(
+            Event(
+                "building",
+                f"The rebuilt environment matches the lock: {python} Python packages and "
+                f"{debian} Debian packages beyond the base, the same base image.",
+            )
+        )
+    return recorded
+
+
+def locked_base(wanted: Lock, engine: DockerEngine, emit: Emit) -> tuple[str, bool]:
+    """The image to build on for a rebuild from a lock: a local image with the locked
+    digest (named as the lock names it when that name still points there, else under a
+    name binderbox gives it), or pulled by its registry digest; BaseImageUnavailable,
+    one sentence, when it is neither here nor to be got."""
+    locked = wanted.base
+    foreign = not locked.binderbox_base
+    if not locked.id:
+        raise BaseImageUnavailable(
+            "The lock does not record its base image's digest, so its environment cannot "
+            "be rebuilt exactly."
+        )
+    named = engine.image_attrs(locked.image) if locked.image else None
+    if named and named.get("Id") == locked.id:
+        return locked.image, foreign
+    found = engine.image_attrs(locked.id)
+    if found is None:
+        for reference in locked.repo_digests:
+            emit(Event("building", f"Pulling the locked base image {reference}"))
+            if engine.pull(reference):
+                found = engine.image_attrs(locked.id)
+                if found is not None:
+                    break
+    if found is None:
+        raise BaseImageUnavailable(
+            f"The lock's base image {locked.image or 'of the lock'} ({locked.id}) is not on this "
+            "machine and cannot be got: load a saved copy of it (docker load) and try again."
+        )
+    tags = [t for t in found.get("RepoTags") or [] if t and "<none>" not in t]
+    if tags:
+        return tags[0], foreign
+    name = f"{base.BASE_REPOSITORY}:locked-{locked.id.removeprefix('sha256:')[:12]}"
+    engine.tag(locked.id, name)
+    return name, foreign
+
+
+def _locked_plan(
+    plan: BuildPlan, wanted: Lock, settings: Settings
+) -> tuple[BuildPlan, Settings, tuple[str, ...]]:
+    """The plan of a rebuild from a lock: every Debian package the build added, at its
+    locked version, in place of apt.txt's; the locked Python packages to install first;
+    R's packages from the CRAN mirror the lock names (unless the operator set one)."""
+    if wanted.debian is not None:
+        plan = replace(
+            plan, apt_packages=tuple(AptPackage(p.name, p.version) for p in wanted.debian)
+        )
+    if wanted.r and wanted.r.cran_mirror and not settings.cran_mirror:
+        settings = settings.with_overrides(cran_mirror=wanted.r.cran_mirror)
+    python = tuple(p.pin() for p in wanted.python.packages) if wanted.python else ()
+    return plan, settings, python
 
 
 def check_repository_dockerfile(

@@ -14,7 +14,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from binderbox.builder import package_index, r_support, stack
+from binderbox.builder import lock, package_index, r_support, stack
 from binderbox.builder.cache import cache_key
 from binderbox.builder.plan import BuildPlan
 from binderbox.errors import UsageError
@@ -33,6 +33,8 @@ exec "$@"
 
 # Requirement lines binderbox derived from a Pipfile or environment.yml, in the context.
 DERIVED_REQUIREMENTS = "derived-requirements.txt"
+# A rebuild's locked Python packages, in the context.
+LOCKED_REQUIREMENTS = "locked-requirements.txt"
 
 DEFAULT_COMMAND = ("jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser")
 
@@ -63,6 +65,13 @@ class ImageOptions:
     repository_slug: str = ""
     # The package index pip and uv install from; "" or any address of PyPI means PyPI.
     index_url: str = ""
+    # The last step records what the image holds for the build's lock (builder/lock.py).
+    record_environment: bool = True
+    # A rebuild from a lock: these ``name==version`` lines are installed with --no-deps
+    # before the repository's own requirements (which then find them installed), and
+    # apt may go back to the locked versions of packages an earlier step installed.
+    locked_python: tuple[str, ...] = ()
+    locked_apt: bool = False
 
     def cache_keys(self) -> tuple[str, str]:
         """(shared key, this repository's key) for cache ids; ("", "") without a secret."""
@@ -235,13 +244,23 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
 
     if plan.apt_packages:
         names = " ".join(shlex.quote(p.spec()) for p in plan.apt_packages)
+        downgrades = "--allow-downgrades " if options.locked_apt else ""
         w.add("USER root")
         w.run(
-            "installing Debian packages (apt.txt)",
-            "apt-get update -qq && apt-get install -y --no-install-recommends " + names,
+            "installing the locked Debian packages"
+            if options.locked_apt
+            else "installing Debian packages (apt.txt)",
+            f"apt-get update -qq && apt-get install -y --no-install-recommends {downgrades}"
+            + names,
             mounts=apt_mounts,
         )
         w.add(f"USER {uid}")
+
+    if options.locked_python:
+        support[LOCKED_REQUIREMENTS] = "".join(f"{line}\n" for line in options.locked_python)
+        locked = "/tmp/binderbox-deps/locked.txt"
+        w.add(f"COPY --chown={owner} {SUPPORT_IN_CONTEXT}/{LOCKED_REQUIREMENTS} {locked}")
+        _install(w, "installing the locked Python packages", "", f"--no-deps -r {locked}", uv_cache)
 
     reqs = plan.requirements
     deps = "/tmp/binderbox-deps/requirements.txt"
@@ -325,6 +344,24 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         w.add(options.appendix.strip())
         w.add(f"USER {uid}")
         w.add(f"WORKDIR {repo_dir}")
+
+    if options.record_environment:
+        # Last, so it sees everything the build installed; it writes the image's
+        # environment file and never fails the build (builder/lock.py).
+        support[lock.COLLECTOR] = lock.COLLECTOR_SCRIPT
+        collector = f"/tmp/binderbox-lock/{lock.COLLECTOR}"
+        base_status = "/tmp/binderbox-lock/base-dpkg-status"
+        w.add("USER root")
+        w.run(
+            "recording the environment for the build's lock",
+            f"/usr/bin/python3 {collector} {base_status}",
+            mounts=(
+                f"type=bind,source={SUPPORT_IN_CONTEXT}/{lock.COLLECTOR},target={collector}",
+                f"type=bind,from={options.base_image},source=/var/lib/dpkg/status,"
+                f"target={base_status}",
+            ),
+        )
+        w.add(f"USER {uid}")
 
     if plan.start:
         w.add(f"ENV BINDERBOX_START={repo_dir}/{plan.start}")

@@ -16,6 +16,7 @@ from binderbox.errors import UsageError
 
 if TYPE_CHECKING:
     from binderbox.config import Settings
+    from binderbox.state_usage import UsageRows
     from binderbox.store import BuildRecord, Forgotten, LaunchRecord
 
 SQLITE_FILE = "binderbox.sqlite"
@@ -72,6 +73,12 @@ class StateStore(Protocol):
         """Retention: delete launches before ``cutoff`` and builds (with their logs) that
         finished before it, but keep the newest successful build of each image in
         ``keep_images``; then keep the database compact."""
+        ...
+
+    def usage(self, since: float, top: int, min_succeeded: int) -> UsageRows:
+        """The usage page's aggregates of launches and builds from ``since`` on: per UTC
+        day, and the ``top`` repositories with at least ``min_succeeded`` successful
+        launches (binderbox.state_usage)."""
         ...
 
     def log(self, build_id: str) -> list[str]:

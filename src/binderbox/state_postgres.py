@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from binderbox.errors import BinderboxError
+from binderbox.state_usage import POSTGRES, UsageRows, usage_rows
 from binderbox.store import FORGET_BATCH, BuildRecord, Forgotten, LaunchRecord, builds_to_forget
 
 # The schema, one list of statements per version; a database at version N gets the
@@ -64,6 +65,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX launches_image ON launches (image, at) WHERE status = 'success'",
         "CREATE INDEX builds_finished ON builds (finished)",
     ],
+    # The usage page: a launch needed a build when a build of its image overlapped it.
+    3: ["CREATE INDEX builds_image ON builds (image, started)"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 # Two services starting at once must not both create the schema.
@@ -392,6 +395,29 @@ class PostgresStateStore:
                 ).fetchall()
             )
         return [LaunchRecord(*row) for row in rows]
+
+    def usage(self, since: float, top: int, min_succeeded: int) -> UsageRows:
+        """The usage page's aggregates from ``since`` on (binderbox.state_usage), all from
+        one snapshot (a read-only repeatable-read transaction), on a connection of their
+        own: a long count never holds up the launches and builds waiting for the lock."""
+        conn = _connect(self.url, "The state database")
+        try:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return usage_rows(
+                    lambda sql, params: conn.execute(sql, params).fetchall(),
+                    POSTGRES,
+                    since,
+                    top=top,
+                    min_succeeded=min_succeeded,
+                )
+        except self._psycopg.Error as error:
+            raise StateUnavailable(
+                f"The state database at {redacted(self.url)} refused a request: "
+                f"{_scrubbed(str(error), self.url)}"
+            ) from None
+        finally:
+            conn.close()
 
 
 # --- JupyterHub's database on the same server --------------------------------------------

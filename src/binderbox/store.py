@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from binderbox.state_usage import SQLITE, UsageRows, usage_rows
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
     id TEXT PRIMARY KEY,
@@ -49,6 +51,7 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS launches_at ON launches (at);
 CREATE INDEX IF NOT EXISTS launches_image ON launches (image, at);
 CREATE INDEX IF NOT EXISTS builds_finished ON builds (finished);
+CREATE INDEX IF NOT EXISTS builds_image ON builds (image, started);
 """
 # Builds forgotten in one transaction: a large first clean-up must not hold the store
 # (and every launch waiting on it) for long.
@@ -109,6 +112,7 @@ class BuildStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         # New files give deleted pages back to the disk bit by bit (see forget_older_than);
         # the pragma does nothing to a file that already has tables.
@@ -311,6 +315,24 @@ class BuildStore:
                 (build_id, start, limit),
             ).fetchall()
         return [(phase, line) for phase, line in rows]
+
+    def usage(self, since: float, top: int, min_succeeded: int) -> UsageRows:
+        """The usage page's aggregates from ``since`` on (binderbox.state_usage), in one
+        read transaction on a connection of their own: WAL lets it read while launches
+        and builds write, so a long count never holds them up."""
+        reader = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            reader.execute("PRAGMA query_only=ON")
+            reader.execute("BEGIN")
+            return usage_rows(
+                lambda sql, params: reader.execute(sql, params).fetchall(),
+                SQLITE,
+                since,
+                top=top,
+                min_succeeded=min_succeeded,
+            )
+        finally:
+            reader.close()
 
 
 # The seam's name for this implementation (binderbox.state.StateStore).

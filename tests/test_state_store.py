@@ -272,6 +272,24 @@ def test_retention_forgets_old_builds_logs_and_launches(open_store: Opener):
     assert again.get(kept_newest) is None and again.get(recent) is not None
 
 
+def test_a_build_keeps_its_lock_and_forgets_it_with_the_build(open_store: Opener):
+    store = open_store()
+    build_id = store.start("img-lock:1", "https://example.org/repo", "c")
+    assert store.lock(build_id) is None
+    store.set_lock(build_id, '{"format": "binderbox-lock"}\n')
+    store.set_lock(build_id, '{"format": "binderbox-lock", "version": 1, "x": "\u00e9"}\n')
+    store.finish(build_id, "success")
+    other = store.start("img-lock:2", "https://example.org/repo", "d")
+    store.close()
+    again = open_store()
+    assert again.lock(build_id) == '{"format": "binderbox-lock", "version": 1, "x": "\u00e9"}\n'
+    assert again.lock(other) is None and again.lock("no-such-build") is None
+    cutoff = time.time()
+    _after(cutoff)
+    assert again.forget_older_than(cutoff).builds == 1
+    assert again.lock(build_id) is None and again.get(other) is not None
+
+
 def test_sqlite_gives_the_space_of_forgotten_logs_back(tmp_path: Path):
     import sqlite3
 

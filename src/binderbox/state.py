@@ -48,6 +48,14 @@ class StateStore(Protocol):
 
     def get(self, build_id: str) -> BuildRecord | None: ...
 
+    def set_lock(self, build_id: str, lock: str) -> None:
+        """Keep a build's lock file (builder/lock.py), shown at /logs/<id>/lock."""
+        ...
+
+    def lock(self, build_id: str) -> str | None:
+        """A build's lock file, or None when it has none."""
+        ...
+
     def record_launch(
         self,
         provider: str,

@@ -67,6 +67,13 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # The usage page: a launch needed a build when a build of its image overlapped it.
     3: ["CREATE INDEX builds_image ON builds (image, started)"],
+    # Every build's lock, shown at /logs/<id>/lock.
+    4: [
+        """CREATE TABLE build_locks (
+            build_id TEXT PRIMARY KEY REFERENCES builds(id),
+            lock TEXT NOT NULL             -- the lock file (binderbox/builder/lock.py)
+        )""",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 # Two services starting at once must not both create the schema.
@@ -286,6 +293,27 @@ class PostgresStateStore:
             )
         return BuildRecord(*row) if row else None
 
+    def set_lock(self, build_id: str, lock: str) -> None:
+        """Keep the lock file of a build (replacing one kept before)."""
+        with self._lock:
+            self._call(
+                lambda c: c.execute(
+                    "INSERT INTO build_locks (build_id, lock) VALUES (%s, %s)"
+                    " ON CONFLICT (build_id) DO UPDATE SET lock = EXCLUDED.lock",
+                    (build_id, _text(lock)),
+                )
+            )
+
+    def lock(self, build_id: str) -> str | None:
+        """A build's lock file, or None when it has none."""
+        with self._lock:
+            row = self._call(
+                lambda c: c.execute(
+                    "SELECT lock FROM build_locks WHERE build_id = %s", (build_id,)
+                ).fetchone()
+            )
+        return row[0] if row else None
+
     def log(self, build_id: str) -> list[str]:
         with self._lock:
             rows = self._call(
@@ -366,6 +394,7 @@ class PostgresStateStore:
                 lines = conn.execute(
                     "DELETE FROM build_log WHERE build_id = ANY(%s)", (batch,)
                 ).rowcount
+                conn.execute("DELETE FROM build_locks WHERE build_id = ANY(%s)", (batch,))
                 builds = conn.execute("DELETE FROM builds WHERE id = ANY(%s)", (batch,)).rowcount
             return builds, lines
 
@@ -382,7 +411,9 @@ class PostgresStateStore:
                 lambda c: c.execute("DELETE FROM launches WHERE at < %s", (cutoff,)).rowcount
             )
             if builds or launches:
-                self._call(lambda c: c.execute("VACUUM (ANALYZE) build_log, builds, launches"))
+                self._call(
+                    lambda c: c.execute("VACUUM (ANALYZE) build_log, build_locks, builds, launches")
+                )
         return Forgotten(builds, lines, launches)
 
     def recent_launches(self, limit: int = 50) -> list[LaunchRecord]:

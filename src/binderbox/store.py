@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS launches (
     message TEXT NOT NULL DEFAULT '',
     image TEXT NOT NULL DEFAULT ''  -- the image launched ("" if none was named)
 );
+CREATE TABLE IF NOT EXISTS build_locks (
+    build_id TEXT PRIMARY KEY REFERENCES builds(id),
+    lock TEXT NOT NULL             -- the build's lock file (binderbox/builder/lock.py)
+);
 CREATE TABLE IF NOT EXISTS build_log (
     build_id TEXT NOT NULL REFERENCES builds(id),
     seq INTEGER NOT NULL,
@@ -180,6 +184,22 @@ class BuildStore:
             )
             self._next_seq.pop(build_id, None)
 
+    def set_lock(self, build_id: str, lock: str) -> None:
+        """Keep the lock file of a build (replacing one kept before)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO build_locks (build_id, lock) VALUES (?, ?)",
+                (build_id, lock),
+            )
+
+    def lock(self, build_id: str) -> str | None:
+        """A build's lock file, or None when it has none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT lock FROM build_locks WHERE build_id = ?", (build_id,)
+            ).fetchone()
+        return row[0] if row else None
+
     def interrupted(self, owner: str) -> int:
         """Mark the builds an earlier process of ``owner`` left running as failed (other
         services sharing the store may still be running theirs), and those recorded
@@ -259,6 +279,7 @@ class BuildStore:
                     lines += self._db.execute(
                         f"DELETE FROM build_log WHERE build_id IN ({marks})", batch
                     ).rowcount
+                    self._db.execute(f"DELETE FROM build_locks WHERE build_id IN ({marks})", batch)
                     builds += self._db.execute(
                         f"DELETE FROM builds WHERE id IN ({marks})", batch
                     ).rowcount

@@ -622,6 +622,19 @@ def output(*command):
     return result.stdout
 
 
+def venv_version():
+    """The venv's Python version from its pyvenv.cfg (no Python started for it)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(VENV_PYTHON)), "pyvenv.cfg")) as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() in ("version_info", "version"):
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def os_release():
     fields = {}
     try:
@@ -645,7 +658,9 @@ def collect(base_status):
         if base.get((name, arch)) != version
     ]
     if os.path.exists(VENV_PYTHON):
-        version = output(VENV_PYTHON, "-c", "import platform; print(platform.python_version())")
+        version = venv_version() or output(
+            VENV_PYTHON, "-c", "import platform; print(platform.python_version())"
+        )
         # No cache: the image's cache folder belongs to build mounts, and root's must not
         # be left in the image.
         freeze = output("uv", "pip", "freeze", "--no-cache", "--python", VENV_PYTHON)

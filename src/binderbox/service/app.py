@@ -370,6 +370,7 @@ def create_app(
                 record = await local.run(store.get, build_id, **database)
             if record is not None:
                 lines = await local.run(store.log, build_id, **database)
+                locked = await local.run(store.lock, build_id, **database)
         except BinderboxError as error:
             return PlainTextResponse(error.message + "\n", status_code=503)
         if record is None:
@@ -379,9 +380,35 @@ def create_app(
             f"repository: {record.repo_url} at {record.ref}",
             f"image: {record.image}",
             f"status: {record.status}" + (f" ({record.message})" if record.message else ""),
+            *([f"lock: {public.base_url(settings)}logs/{build_id}/lock"] if locked else []),
             "",
         ]
         return cors(PlainTextResponse("\n".join(head + lines) + "\n"))
+
+    async def build_lock(request: Request) -> Response:
+        """The build's lock file (builder/lock.py): what to give `binderbox build --from-lock`."""
+        build_id = request.path_params["build_id"]
+        try:
+            text = None
+            if build_id.isalnum():
+                text = await local.run(
+                    store.lock, build_id, timeout=LOCAL_TIMEOUT, what="The state database"
+                )
+        except BinderboxError as error:
+            return PlainTextResponse(error.message + "\n", status_code=503)
+        if text is None:
+            return PlainTextResponse(
+                "There is no lock of a build with that id (unknown, failed or still running).\n",
+                status_code=404,
+            )
+        disposition = f'inline; filename="binderbox-lock-{build_id[:12]}.json"'
+        return cors(
+            Response(
+                text,
+                media_type="application/json",
+                headers={"Content-Disposition": disposition, "X-Content-Type-Options": "nosniff"},
+            )
+        )
 
     async def launch_page(request: Request) -> Response:
         provider, spec = raw_spec(request, "/v2/")
@@ -446,6 +473,7 @@ def create_app(
             Route("/versions", versions),
             Route("/metrics", metrics_page),
             Route("/logs/{build_id}", build_log),
+            Route("/logs/{build_id}/lock", build_lock),
             Route("/badge.svg", badge),
             Route("/badge_logo.svg", badge),
         ],

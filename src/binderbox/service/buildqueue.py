@@ -281,7 +281,13 @@ class BuildQueue:
 
             def run() -> BuildResult:  # on the build's own thread, store writes included
                 try:
-                    return build(log.emit)
+                    result = build(log.emit)
+                    if store and job.build_id and result.lock:
+                        try:
+                            store.set_lock(job.build_id, result.lock)
+                        except BinderboxError as error:  # the image is built all the same
+                            log.emit(Event("building", f"Warning: the lock was not kept: {error}"))
+                    return result
                 finally:
                     log.flush()
 

@@ -421,6 +421,8 @@ async def _launch(
         if job.build_id:
             fields_built["build_id"] = job.build_id
             fields_built["log_url"] = f"{request.launch_host}logs/{job.build_id}"
+            if job.result and job.result.lock:
+                fields_built["lock_url"] = f"{request.launch_host}logs/{job.build_id}/lock"
         yield Event("built", f"Built {image}.", fields_built)
 
     if request.build_only:

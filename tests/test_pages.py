@@ -380,8 +380,8 @@ def test_the_pages_work_from_the_keyboard_alone(
             expect(page.locator("#share-url")).to_have_value(re.compile("/v2/gh/org/repo/HEAD$"))
         if focused == "launch":
             break
-    assert reached[:4] == ["Skip to content", "binderbox", "Launch", "Status"], reached
-    assert reached[4:] == ["provider", "repo", "ref", "path", "path-kind", "launch"], reached
+    assert reached[:5] == ["Skip to content", "binderbox", "Launch", "Status", "Usage"], reached
+    assert reached[5:] == ["provider", "repo", "ref", "path", "path-kind", "launch"], reached
     page.keyboard.press("Space")
     page.wait_for_url(re.compile(r"/v2/gh/org/repo/HEAD$"))
 

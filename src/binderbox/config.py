@@ -219,6 +219,10 @@ class Settings:
     # last successful build of an image still present keeps its log. 0: forever.
     log_retention_days: int = 30
     cleaner_every: int = 600
+    # /usage names a repository only when it was launched successfully at least this often
+    # in the days shown (fewer: it counts among "others"); a repository only its author
+    # launches is not shown to everyone.
+    usage_min_launches: int = 10
     # Parts that die come back (binderbox serve's supervisor): JupyterHub is started again
     # at once, unless it died restart_limit times within restart_window seconds; then
     # /health says so and the next try waits restart_window seconds (doubling each time).
@@ -344,6 +348,8 @@ def _validated(settings: Settings) -> Settings:
             raise UsageError(f"Setting '{name}' must be 0 (no limit) or a positive number.")
     if settings.cleaner_every <= 0:
         raise UsageError("Setting 'cleaner_every' must be a positive number of seconds.")
+    if settings.usage_min_launches < 1:
+        raise UsageError("Setting 'usage_min_launches' must be 1 or more.")
     for name in ("restart_limit", "restart_window"):
         if getattr(settings, name) <= 0:
             raise UsageError(f"Setting '{name}' must be a positive number.")

@@ -71,6 +71,7 @@ from binderbox.service.limits import (
 )
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
 from binderbox.service.specs import PROVIDERS, parse_spec, without_userinfo
+from binderbox.service.usage import usage_routes
 from binderbox.state import StateStore, open_state_store, state_owner
 from binderbox.store import LaunchRecord
 
@@ -476,6 +477,7 @@ def create_app(
             Route("/logs/{build_id}/lock", build_lock),
             Route("/badge.svg", badge),
             Route("/badge_logo.svg", badge),
+            *usage_routes(settings, store),
         ],
     )
     app.state.cleaner = cleaner

@@ -7,6 +7,12 @@ through Debian's ``docker-registry``: the manager pushes to it as ``127.0.0.1:PO
 (loopback registries need no TLS), the workers pull the same repository as
 ``<gateway>:PORT/…`` (listed in their ``insecure-registries``).
 
+Each worker's dockerd also listens on ``tcp://<its address>:2376`` with TLS client
+certificates (a CA, a client certificate and one server certificate per worker, made with
+openssl in the fixture's folder), the way an operator opens a build node's Docker API to
+the manager: ``Cluster.build_hosts`` and ``Cluster.tls_dir`` are what serve's
+``swarm_build_nodes`` and ``swarm_build_tls_dir`` take.
+
 The swarm is left again at the end, but only when this dockerd was in none before, so a
 machine that already runs a swarm keeps it.
 """
@@ -166,6 +172,10 @@ class Cluster:
 
     # (node image, test tag, join token, manager address) for add_worker.
     _join: tuple[str, str, str, str] = ("", "", "", "")
+    # Worker name → its dockerd's TLS-protected API ("tcp://address:2376").
+    build_hosts: dict[str, str] = field(default_factory=dict)
+    # ca.pem, cert.pem, key.pem of the client (and ca-key.pem, which signs the workers').
+    tls_dir: Path = Path()
 
     def worker_exec(self, worker: str, *command: str, timeout: float = 60) -> str:
         return _run(DOCKER, "exec", worker, *command, timeout=timeout)
@@ -194,10 +204,24 @@ class Cluster:
             image,
             "sh",
             "-c",
-            f"mkdir -p /etc/docker && echo '{daemon_json}' > /etc/docker/daemon.json"
-            " && exec dockerd >/var/log/dockerd.log 2>&1",
+            f"mkdir -p /etc/docker /certs && echo '{daemon_json}' > /etc/docker/daemon.json"
+            # The node's boot waits for its certificate, which needs its address.
+            " && until [ -f /certs/ready ]; do sleep 0.1; done"
+            " && exec dockerd -H unix:///var/run/docker.sock -H tcp://0.0.0.0:2376"
+            " --tlsverify --tlscacert /certs/ca.pem --tlscert /certs/server-cert.pem"
+            " --tlskey /certs/server-key.pem >/var/log/dockerd.log 2>&1",
         )
         self.workers.append(name)
+        address = json.loads(_run(DOCKER, "inspect", name))[0]["NetworkSettings"]["Networks"][
+            self.network
+        ]["IPAddress"]
+        certs = self.tls_dir / name
+        certs.mkdir()
+        _sign(self.tls_dir, certs, "server", f"subjectAltName=IP:{address},DNS:{name}")
+        shutil.copy(self.tls_dir / "ca.pem", certs / "ca.pem")
+        _run(DOCKER, "cp", f"{certs}/.", f"{name}:/certs")
+        _run(DOCKER, "exec", name, "touch", "/certs/ready")
+        self.build_hosts[name] = f"tcp://{address}:2376"
         _wait(
             lambda: self.worker_exec(name, "docker", "info") != "",
             60,
@@ -220,6 +244,40 @@ class Cluster:
     def kill_worker(self, name: str) -> None:
         """The machine dies: its container is killed (its node stays listed, down)."""
         _run(DOCKER, "kill", name)
+
+
+def _openssl(*args: str) -> None:
+    _run("openssl", *args)
+
+
+def make_tls(folder: Path) -> None:
+    """A test CA and a client certificate (ca.pem, cert.pem, key.pem) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(folder / "ca-key.pem"), "-out", str(folder / "ca.pem"),
+        "-days", "2", "-subj", "/CN=binderbox test CA",
+    )  # fmt: skip
+    _sign(folder, folder, "", "extendedKeyUsage=clientAuth")
+
+
+def _sign(ca: Path, folder: Path, prefix: str, extension: str) -> None:
+    """A key and a certificate signed by ``ca``'s CA, as ``<prefix>-key.pem`` and
+    ``<prefix>-cert.pem`` (``key.pem``/``cert.pem`` without a prefix)."""
+    stem = f"{prefix}-" if prefix else ""
+    key, cert, request = (folder / f"{stem}{n}" for n in ("key.pem", "cert.pem", "req.pem"))
+    extensions = folder / f"{stem}ext.cnf"
+    extensions.write_text(extension + "\n")
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(request), "-subj", f"/CN={prefix or 'client'}",
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(request), "-CA", str(ca / "ca.pem"),
+        "-CAkey", str(ca / "ca-key.pem"), "-CAcreateserial", "-out", str(cert),
+        "-days", "2", "-extfile", str(extensions),
+    )  # fmt: skip
+    key.chmod(0o600)
 
 
 def _free_port() -> int:
@@ -274,6 +332,8 @@ def swarm_cluster(workdir: Path) -> Iterator[Cluster]:
         manager = client.info()["Swarm"]["NodeAddr"]
         cluster = Cluster(network, gateway, workers, registry, joined)
         cluster._join = (image, tag, token, f"{manager}:2377")
+        cluster.tls_dir = workdir / "tls"
+        make_tls(cluster.tls_dir)
         for _ in range(WORKERS):
             cluster.add_worker()
         yield cluster

@@ -1,11 +1,13 @@
 """The real `binderbox serve` with `backend = "swarm"`: this dockerd as Swarm manager, two
 Docker-in-Docker workers (tests/cluster.py), Debian's registry, PostgreSQL for binderbox's
-state and the hub's. Builds run on the manager and push; sessions run on the workers and
-pull. The tests run in this file's order: each goes on from the cluster the last left."""
+state and the hub's. Builds run on the workers' dockerd (reached over TLS, the build
+nodes) and push from there; sessions run on the workers and pull. The tests run in this
+file's order: each goes on from the cluster the last left."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import uuid
@@ -22,6 +24,7 @@ from tests.cluster import Cluster, cluster  # noqa: F401 - the fixture
 from tests.postgres import postgres_cluster
 from tests.test_serve import (
     Served,
+    commit_all,
     run_code,
     serve_env,
     served_repo,
@@ -76,6 +79,10 @@ def deployment(
         "BINDERBOX_SESSION_START_TIMEOUT": "240",
         # Pre-pulling is switched on by the restart test; before, a node pulls for itself.
         "BINDERBOX_SWARM_PREPULL_EVERY": "0",
+        # Builds run on the two workers (not on a third added later).
+        "BINDERBOX_SWARM_BUILD_NODES": ",".join(cluster.build_hosts.values()),
+        "BINDERBOX_SWARM_BUILD_TLS_DIR": str(cluster.tls_dir),
+        "BINDERBOX_BUILD_ONLY_ENABLED": "true",
     }
     log = tmp_path_factory.mktemp("swarm-serve") / "serve.log"
     began = time.monotonic()
@@ -146,7 +153,16 @@ def nodes(deployment: Deployment) -> dict[str, dict]:
     return {node["name"]: node for node in body["sessions"]["nodes"]}
 
 
-def test_a_launch_builds_on_the_manager_pushes_and_computes_on_a_worker(
+def build_node_of(cluster: Cluster, events: list[dict]) -> str:  # noqa: F811
+    """The worker whose dockerd the build ran on, as its events say."""
+    said = [e["message"] for e in events if "Building on the build node" in e["message"]]
+    assert len(said) == 1, [e["message"] for e in events]
+    host = said[0].removeprefix("Building on the build node ").rstrip(".")
+    (worker,) = [w for w, h in cluster.build_hosts.items() if h == host]
+    return worker
+
+
+def test_a_launch_builds_on_a_worker_pushes_and_computes_on_a_worker(
     cluster: Cluster,  # noqa: F811
     deployment: Deployment,
 ) -> None:
@@ -156,6 +172,12 @@ def test_a_launch_builds_on_the_manager_pushes_and_computes_on_a_worker(
     assert "building" in phases
     assert any("Pushing" in e["message"] for e in events), [e["message"] for e in events]
     ready = events[-1]
+    # The build ran on a worker, which keeps the image under the name sessions run; the
+    # manager's dockerd never had it.
+    builder = build_node_of(cluster, events)
+    assert worker_has(cluster, builder, ready["image"])
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker.from_env().images.get(ready["image"])
     built = next(e for e in events if e["phase"] == "built" and e.get("build_id"))
     deployment.image, deployment.build_id = ready["image"], built["build_id"]
     deployment.sessions.append(ready)
@@ -182,6 +204,10 @@ def test_a_second_launch_does_not_build_and_pulls_on_the_other_worker(
 ) -> None:
     (first,) = deployment.sessions
     other = next(w for w in cluster.workers if w != node_of(cluster, first))
+    if worker_has(cluster, other, deployment.image):
+        # It built the image (and has no session using it): it must pull it now.
+        pushed = f"{cluster.registry.pull_url}/{deployment.image}"
+        cluster.worker_exec(other, "docker", "rmi", pushed)
     assert not worker_has(cluster, other, deployment.image)
     events = deployment.served.stream(deployment.repo_path)
     phases = [e["phase"] for e in events]
@@ -247,6 +273,66 @@ def test_sessions_reach_the_hub_but_not_each_other_nor_the_nodes_networks(
     for name, result in seen.items():
         assert result.startswith("OSError") or "No route to host" in result, (name, result)
         assert "timed out" not in result, (name, result)
+
+
+BUILD_PROBE = """#!/bin/sh
+python3 - <<'END'
+import socket
+for name, host, port in TARGETS:
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+        result = "connected"
+    except OSError as error:
+        result = f"{type(error).__name__}: {error}"
+    finally:
+        s.close()
+    print(f"probe {name}: {result}", flush=True)
+END
+"""
+
+
+def test_a_build_on_a_node_cannot_reach_the_nodes_the_registry_or_the_database(
+    cluster: Cluster,  # noqa: F811
+    deployment: Deployment,
+    git_server,
+    tmp_path: Path,
+) -> None:
+    client = docker.from_env()
+    address = {
+        w: client.containers.get(w).attrs["NetworkSettings"]["Networks"][cluster.network][
+            "IPAddress"
+        ]
+        for w in cluster.workers
+    }
+    database = urlsplit(deployment.database)
+    targets = [
+        ("public", "pypi.org", 443),
+        ("registry", cluster.gateway, cluster.registry.port),
+        ("database", database.hostname, database.port),
+        ("manager", cluster.gateway, 2377),
+        *[(f"dockerd of {w}", address[w], 2376) for w in cluster.workers],
+    ]
+    work = tmp_path / "prober"
+    work.mkdir()
+    (work / "requirements.txt").write_text("six==1.16.0\n")
+    (work / "postBuild").write_text(BUILD_PROBE.replace("TARGETS", repr(targets)))
+    (work / "postBuild").chmod(0o755)
+    commit_all(work)
+    repo = git_server.publish(work, "prober.git")
+    events = deployment.served.stream(f"/build/git/{quote(repo, safe='')}/main?build_only=true")
+    assert events[-1]["phase"] == "ready", events[-1]
+    build_node_of(cluster, events)
+    built = next(e for e in events if e["phase"] == "built" and e.get("build_id"))
+    log = requests.get(f"{deployment.served.url}/logs/{built['build_id']}", timeout=30).text
+    seen = dict(re.findall(r"probe ([^:]+): (.*)", log))
+    assert set(seen) == {name for name, _, _ in targets}, log[-3000:]
+    # Out to the internet the build may go (it installs packages), to nothing else: the
+    # node guard's REJECT on the node's docker0, at once (not a timeout).
+    assert seen.pop("public") == "connected"
+    for name, result in seen.items():
+        assert "refused" in result or "No route to host" in result, (name, result)
 
 
 def test_the_quota_counts_sessions_on_every_node(deployment: Deployment) -> None:

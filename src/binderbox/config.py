@@ -204,6 +204,12 @@ class Settings:
     swarm_prepull_top: int = 10
     swarm_prepull_every: int = 60
     swarm_prepull_images: str = ""
+    # Build nodes: comma-separated Docker hosts ("tcp://10.0.0.5:2376") whose dockerd
+    # builds (the least busy one that answers) and pushes to the registry; their API is
+    # reached with the TLS client files in swarm_build_tls_dir (ca.pem, cert.pem, key.pem,
+    # Docker's DOCKER_CERT_PATH layout). Empty: builds run on this machine.
+    swarm_build_nodes: str = ""
+    swarm_build_tls_dir: str = ""
     # The state database: empty keeps builds, logs and launches in SQLite in state_dir;
     # a postgresql:// URL puts them (and the hub's database) in PostgreSQL.
     database_url: str = ""
@@ -399,10 +405,41 @@ def _validate_registry(settings: Settings) -> None:
         raise UsageError("Setting 'registry_pull_url' needs 'registry_url' beside it.")
     if settings.backend not in {"local", "swarm"}:
         raise UsageError("Setting 'backend' must be local or swarm.")
+    _validate_build_nodes(settings)
     if settings.database_url and not settings.database_url.startswith(
         ("postgresql://", "postgres://")
     ):
         raise UsageError("Setting 'database_url' must be a postgresql:// URL, or empty for SQLite.")
+
+
+def build_nodes(settings: Settings) -> list[str]:
+    return [part.strip() for part in settings.swarm_build_nodes.split(",") if part.strip()]
+
+
+def _validate_build_nodes(settings: Settings) -> None:
+    nodes = build_nodes(settings)
+    if not nodes:
+        return
+    for node in nodes:
+        parts = urlsplit(node)
+        if parts.scheme != "tcp" or not parts.hostname or not parts.port or parts.path:
+            raise UsageError(
+                "Setting 'swarm_build_nodes' must list Docker hosts such as "
+                f"'tcp://10.0.0.5:2376', not {node!r}."
+            )
+    if not settings.registry_url:
+        raise UsageError(
+            "Setting 'swarm_build_nodes' needs 'registry_url': build nodes push the images "
+            "they build there."
+        )
+    tls = Path(settings.swarm_build_tls_dir) if settings.swarm_build_tls_dir else None
+    missing = [f for f in ("ca.pem", "cert.pem", "key.pem") if not tls or not (tls / f).is_file()]
+    if missing:
+        # A dockerd API open without client certificates makes its network root there.
+        raise UsageError(
+            "Setting 'swarm_build_tls_dir' must name a folder with ca.pem, cert.pem and key.pem "
+            f"for the build nodes' TLS-protected dockerd ({', '.join(missing)} missing)."
+        )
 
 
 def _validate_abuse_limits(settings: Settings) -> None:

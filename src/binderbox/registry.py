@@ -135,9 +135,19 @@ class RegistryImageStore:
 
     def push(self, name: str) -> None:
         """Push the local image ``name`` (just built) to the registry."""
+        self._push(self._client(), self.address, name, "", keep=False)
+
+    def push_from(self, client: docker.DockerClient, name: str, where: str) -> None:
+        """Push ``name`` from another dockerd (a build node's, ``where``), which reaches
+        the registry as session nodes do. The node keeps the pushed name, which is what
+        its sessions run: a session there starts without a pull."""
+        self._push(client, self.pull_address, name, f" from {where}", keep=True)
+
+    def _push(
+        self, client: docker.DockerClient, address: str, name: str, where: str, *, keep: bool
+    ) -> None:
         repository, tag = repository_and_tag(name)
-        target = f"{self.address}/{repository}"
-        client = self._client()
+        target = f"{address}/{repository}"
         try:
             client.images.get(name).tag(target, tag)
         except docker.errors.ImageNotFound:
@@ -149,11 +159,13 @@ class RegistryImageStore:
         try:
             self._follow(
                 lambda: client.api.push(target, tag=tag, stream=True, decode=True),
-                f"Pushing {name} to the image registry at {self.address}",
+                f"Pushing {name}{where} to the image registry at {address}",
             )
         finally:
             # The local store keeps one name per built image; the registry has this one.
-            self._untag(f"{target}:{tag}")
+            if not keep:
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(f"{target}:{tag}", noprune=True)
 
     def pull(self, name: str) -> None:
         """Pull ``name`` from the registry into the local store, as ``name`` and as

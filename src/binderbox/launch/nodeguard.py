@@ -12,7 +12,11 @@ Without it, a session could open connections to the node's services, to private
 networks (cloud metadata, the registry, the database) and, since an address of another
 overlay network is not on its link, to other sessions through the node's default route.
 
-Run: ``python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS``.
+With a third argument, the bridge of the node's dockerd (``docker0``), it puts the build
+firewall there too: BuildKit's steps on a build node (builder/nodes.py) run on that
+bridge, and must not reach the node, the registry or private networks either.
+
+Run: ``python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS [BUILD_BRIDGE]``.
 """
 
 from __future__ import annotations
@@ -46,18 +50,34 @@ def node_iptables() -> Iptables:
     return Iptables()
 
 
+def build_owner(owner: str) -> str:
+    """The tag of the build rules a guard sets (serve's own on the manager stay apart)."""
+    return f"{owner}-b"
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print(
+            "usage: python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS [BUILD_BRIDGE]",
+            file=sys.stderr,
+        )
         return 2
-    owner, blocked_text = argv
+    owner, blocked_text = argv[:2]
+    bridges = [(GATEWAY_BRIDGE, owner)]
+    if len(argv) == 3:
+        bridges.append((argv[2], build_owner(owner)))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        # The overlay networks carry no IPv6 here (sessions get none), so IPv4 rules.
+        # The overlay networks carry no IPv6 here (sessions get none), nor does dockerd's
+        # bridge unless the node's dockerd is told to: IPv4 rules.
         iptables = node_iptables()
-        apply(GATEWAY_BRIDGE, parse_networks(blocked_text), nameservers(), iptables, owner=owner)
+        blocked = parse_networks(blocked_text)
+        for bridge, tag in bridges:
+            if not Path("/sys/class/net", bridge).exists():
+                raise FirewallError(f"the node has no network interface {bridge}")
+            apply(bridge, blocked, nameservers(), iptables, owner=tag)
     except (FirewallError, OSError, ValueError) as error:
         print(f"binderbox node guard: the rules cannot be set: {error}", file=sys.stderr)
         return 1
@@ -66,7 +86,8 @@ def main(argv: list[str]) -> int:
     stop.wait()
     READY_FILE.unlink(missing_ok=True)
     try:
-        remove(GATEWAY_BRIDGE, iptables, owner=owner)
+        for bridge, tag in bridges:
+            remove(bridge, iptables, owner=tag)
     except (FirewallError, OSError) as error:
         print(f"binderbox node guard: the rules could not be taken off: {error}", file=sys.stderr)
         return 1

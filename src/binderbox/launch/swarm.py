@@ -47,7 +47,7 @@ from docker.types import ContainerSpec, EndpointSpec, Placement, RestartPolicy, 
 from dockerspawner import SwarmSpawner
 from traitlets import Unicode, default
 
-from binderbox.config import Settings
+from binderbox.config import Settings, build_nodes
 from binderbox.errors import BinderboxError, DockerUnavailable
 from binderbox.launch.client import HubClient, HubUnavailable
 from binderbox.launch.options import LABEL_HUB, LABEL_SESSION, LABEL_USER
@@ -65,6 +65,10 @@ LABEL_PREPULL = "binderbox.prepull"
 LABEL_GUARD = "binderbox.guard"
 # Seconds a node keeps its guard label after its guard stopped running.
 GUARD_GRACE = 60.0
+# Seconds serve's start waits for a first guarded node.
+GUARD_START_TIMEOUT = 600.0
+# The bridge BuildKit's steps use on a build node's dockerd (its default bridge).
+BUILD_BRIDGE = "docker0"
 
 logger = logging.getLogger("binderbox.swarm")
 
@@ -551,6 +555,23 @@ class SwarmBackend:
     def owner(self) -> str:
         return self.hub_id
 
+    def build_node_problem(self, node_id: str) -> str | None:
+        """Why a build may not run on the Swarm node ``node_id`` (a build node's), or None:
+        with the firewall on, only a node whose guard runs (labelled) is fit."""
+        if not guarded(self.settings):
+            return None
+        if not node_id:
+            return "it is not a node of this Swarm, so no node guard covers its builds"
+        try:
+            node = docker.from_env(timeout=30).nodes.get(node_id)
+        except docker.errors.NotFound:
+            return "it is not a node of this Swarm, so no node guard covers its builds"
+        except docker.errors.DockerException as error:
+            return f"the Swarm manager did not say whether it is guarded ({error})"
+        if (node.attrs["Spec"].get("Labels") or {}).get(self.guard_label) != "on":
+            return "its node guard (the build firewall) is not running"
+        return None
+
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.hub_port}/hub/api"
@@ -644,7 +665,8 @@ class SwarmBackend:
             )
             self._join_session_networks(client)
             if guarded(self.settings):
-                self._start_guard(client, image, timeout)
+                # A node's first guard pulls the hub image from the registry: give it time.
+                self._start_guard(client, image, max(timeout, GUARD_START_TIMEOUT))
             else:
                 self._remove_guard(client)
             self._wait_until_up(client, timeout)
@@ -783,6 +805,8 @@ class SwarmBackend:
             self.hub_id,
             self.settings.session_blocked_networks,
         ]
+        if build_nodes(self.settings):
+            command.append(BUILD_BRIDGE)  # builds run on the nodes' BuildKit too
         constraints = [c.strip() for c in self.settings.swarm_constraints.split(",") if c.strip()]
         with contextlib.suppress(docker.errors.NotFound):
             running = client.services.get(self.guard_name)

@@ -391,7 +391,7 @@ async def _launch(
         def build_and_push(emit: Emit) -> BuildResult:
             # Anonymous repositories: the builder treats them as untrusted.
             result = builder.build(build, builder_settings, emit)
-            if not kept_here:
+            if not kept_here and not getattr(builder, "pushes_to_registry", False):
                 # Inside the job, so launches sharing this build wait for the push too.
                 emit(Event("building", f"Pushing {image} to the image registry."))
                 images.push(image)

@@ -13,8 +13,9 @@ import docker
 import docker.errors
 import uvicorn
 
-from binderbox.builder.backend import LocalBuilder
-from binderbox.config import Settings
+from binderbox.builder.backend import Builder, LocalBuilder
+from binderbox.builder.nodes import NodeBuilder
+from binderbox.config import Settings, build_nodes
 from binderbox.errors import BinderboxError
 from binderbox.images import open_image_store
 from binderbox.launch.backend import LocalHubBackend, open_session_backend
@@ -160,7 +161,7 @@ def serve(settings: Settings, say: Callable[[str], None]) -> None:
             settings,
             hub.launcher(),
             notes=notes,
-            builder=LocalBuilder(),
+            builder=_builder(settings, hub),
             images=images,
             store=store,
             owner=hub.owner,
@@ -222,6 +223,14 @@ def _limits_marker(settings: Settings) -> Path:
     # Written while serve's build limits hold, so a start after a kill -9 knows they are
     # its own leftovers (and lifts them when the limits are off now).
     return Path(settings.state_dir).expanduser() / "build-limits.applied"
+
+
+def _builder(settings: Settings, hub: object) -> Builder:
+    """Builds here, or on the build nodes (those the Swarm backend calls guarded)."""
+    if not build_nodes(settings):
+        return LocalBuilder()
+    fit = getattr(hub, "build_node_problem", None)
+    return NodeBuilder(settings, fit) if fit else NodeBuilder(settings)
 
 
 def _reconcile_build_limits(settings: Settings) -> BuildLimitStatus:

@@ -19,7 +19,7 @@ from binderbox.builder import base as base_image
 from binderbox.builder.detect import detect
 from binderbox.builder.engine import DockerEngine, docker_client
 from binderbox.builder.lock import MAX_LOCK_BYTES, Lock, parse_lock
-from binderbox.builder.pipeline import BuildRequest, build_repository, checked_subdir, image_lock
+from binderbox.builder.pipeline import BuildRequest, build_repository, checked_subdir, record_lock
 from binderbox.builder.render import ImageOptions, render
 from binderbox.config import Settings, load_settings
 from binderbox.errors import BinderboxError, BuildFailed, UsageError
@@ -220,14 +220,12 @@ def build(
         result = build_repository(request, settings, out)
         text = result.lock
         if not text and result.reused:
-            try:
-                engine = DockerEngine.connect(settings.docker_cli)
-                text = image_lock(engine, result.image).text()
-            except BinderboxError as error:
-                out(Event("building", f"Warning: no lock was written: {error.message}"))
+            # The image says what it holds; a warning when it cannot (an older image).
+            found = record_lock(DockerEngine.connect(settings.docker_cli), result.image, None, out)
+            text = found.text() if found else ""
         if text:
             path = _write_lock(text, lock_out, settings, result.image)
-            out(Event("built", f"The build's lock: {path}", {"lock": str(path)}))
+            out(Event("built", f"Wrote the lock of {result.image} to {path}", {"lock": str(path)}))
         if not json_logs:
             click.echo(result.image)
 

@@ -630,6 +630,8 @@ def _reusable(engine: DockerEngine, image: str, request: BuildRequest, commit: s
     labels = engine.image_labels(image)
     if labels is None:
         return False
+    if request.lock and labels.get(lock.LABEL_FROM_LOCK) != request.lock.digest():
+        return False  # a name the user chose, holding an image not built from this lock
     if request.image_name:
         return (
             labels.get("binderbox.commit") == commit

@@ -282,7 +282,7 @@ class BuildQueue:
             def run() -> BuildResult:  # on the build's own thread, store writes included
                 try:
                     result = build(log.emit)
-                    if store and job.build_id and result.lock:
+                    if store and job.build_id and getattr(result, "lock", ""):
                         try:
                             store.set_lock(job.build_id, result.lock)
                         except BinderboxError as error:  # the image is built all the same

@@ -34,6 +34,7 @@ from tests.test_serve import (
 )
 
 from binderbox.launch.options import LABEL_USER
+from binderbox.launch.swarm import LABEL_GUARD
 from binderbox.state_postgres import hub_database_name
 
 pytestmark = [pytest.mark.swarm, pytest.mark.docker]
@@ -333,6 +334,10 @@ def test_a_build_on_a_node_cannot_reach_the_nodes_the_registry_or_the_database(
     assert seen.pop("public") == "connected"
     for name, result in seen.items():
         assert "refused" in result or "No route to host" in result, (name, result)
+    # Each build node's guard holds its BuildKit steps to the build limits as well.
+    (guard,) = client.services.list(filters={"label": LABEL_GUARD})
+    said = b"".join(guard.logs(stdout=True, stderr=True)).decode(errors="replace")
+    assert said.count("Build limits: on (all builds together") >= len(cluster.workers), said
 
 
 def test_the_quota_counts_sessions_on_every_node(deployment: Deployment) -> None:

@@ -14,13 +14,16 @@ overlay network is not on its link, to other sessions through the node's default
 
 With a third argument, the bridge of the node's dockerd (``docker0``), it puts the build
 firewall there too: BuildKit's steps on a build node (builder/nodes.py) run on that
-bridge, and must not reach the node, the registry or private networks either.
+bridge, and must not reach the node, the registry or private networks either. With two
+more, the build memory and process limits, it holds the node's BuildKit steps to them
+(the node's cgroup tree mounted at /host-cgroup) and lifts them again when it stops.
 
-Run: ``python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS [BUILD_BRIDGE]``.
+Run: ``python -m binderbox.launch.nodeguard OWNER BLOCKED [BRIDGE [MEMORY PIDS]]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -28,7 +31,10 @@ from pathlib import Path
 
 from binderbox.config import parse_networks
 from binderbox.launch.firewall import FirewallError, Iptables, apply, nameservers, remove
+from binderbox.service.buildlimits import apply_build_limits, lift_build_limits
 
+# Where the node's cgroup tree is mounted into the guard (for the build limits).
+HOST_CGROUP = Path("/host-cgroup")
 # The bridge of a node that carries overlay networks' traffic to everywhere else.
 GATEWAY_BRIDGE = "docker_gwbridge"
 # What the guard prints, and the file it makes, once its rules are in place: the service's
@@ -55,17 +61,29 @@ def build_owner(owner: str) -> str:
     return f"{owner}-b"
 
 
+USAGE = (
+    "usage: python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS "
+    "[BUILD_BRIDGE [BUILD_MEMORY BUILD_PIDS]]"
+)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3):
-        print(
-            "usage: python -m binderbox.launch.nodeguard OWNER BLOCKED_NETWORKS [BUILD_BRIDGE]",
-            file=sys.stderr,
-        )
+    if len(argv) not in (2, 3, 5):
+        print(USAGE, file=sys.stderr)
         return 2
     owner, blocked_text = argv[:2]
     bridges = [(GATEWAY_BRIDGE, owner)]
-    if len(argv) == 3:
+    if len(argv) >= 3:
         bridges.append((argv[2], build_owner(owner)))
+    limits = None
+    if len(argv) == 5:
+        # The node's BuildKit steps held together, as serve holds the manager's.
+        try:
+            limits = apply_build_limits(argv[3], int(argv[4]), root=HOST_CGROUP)
+        except ValueError as error:
+            print(f"binderbox node guard: {error}", file=sys.stderr)
+            return 2
+        print(f"binderbox node guard: {limits.message}", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -85,6 +103,9 @@ def main(argv: list[str]) -> int:
     print(READY, flush=True)
     stop.wait()
     READY_FILE.unlink(missing_ok=True)
+    if limits is not None:
+        with contextlib.suppress(OSError):
+            lift_build_limits(limits)
     try:
         for bridge, tag in bridges:
             remove(bridge, iptables, owner=tag)

@@ -791,7 +791,7 @@ class SwarmBackend:
         image in the registry, and wait until it guards at least one ready node. A guard
         that runs already with this image and these rules is kept (no unguarded gap
         across a restart)."""
-        from binderbox.launch.nodeguard import READY_FILE
+        from binderbox.launch.nodeguard import HOST_CGROUP, READY_FILE
         from binderbox.registry import RegistryImageStore
 
         store = RegistryImageStore(self.settings)
@@ -805,8 +805,12 @@ class SwarmBackend:
             self.hub_id,
             self.settings.session_blocked_networks,
         ]
+        mounts = []
         if build_nodes(self.settings):
-            command.append(BUILD_BRIDGE)  # builds run on the nodes' BuildKit too
+            # Builds run on the nodes' BuildKit too: their firewall and their limits.
+            command.append(BUILD_BRIDGE)
+            command += [self.settings.build_memory_limit, str(self.settings.build_pids_limit)]
+            mounts.append(docker.types.Mount(HOST_CGROUP.as_posix(), "/sys/fs/cgroup", type="bind"))
         constraints = [c.strip() for c in self.settings.swarm_constraints.split(",") if c.strip()]
         with contextlib.suppress(docker.errors.NotFound):
             running = client.services.get(self.guard_name)
@@ -830,6 +834,7 @@ class SwarmBackend:
             networks=["host"],
             user="0:0",
             cap_add=["NET_ADMIN", "NET_RAW"],
+            mounts=mounts,
             constraints=constraints or None,
             # Swarm calls a task running only once it is healthy: once the rules are set.
             healthcheck=docker.types.Healthcheck(

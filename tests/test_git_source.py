@@ -163,9 +163,11 @@ def test_same_ref_is_reused_and_a_new_commit_renames_the_image(
     again, seconds = gbuild(url, "--ref", "main")
     assert again.code == 0, again.stdout[-3000:]
     assert again.image == image
-    done = [e for e in again.events if e["phase"] == "built"]
+    # One "built" names the image; the CLI's next one says where it wrote the lock.
+    done = [e for e in again.events if e["phase"] == "built" and "image" in e]
     assert len(done) == 1
     assert "already exists" in done[0]["message"] or "reus" in done[0]["message"]
+    assert [e["lock"] for e in again.events if e["phase"] == "built" and "lock" in e]
     # Reuse is decided from `git ls-remote`: nothing is fetched and nothing is built.
     assert not [e for e in again.events if e["phase"] == "building"], again.events
     assert not [e for e in again.events if e["message"].startswith("Fetching")], again.events

@@ -85,8 +85,8 @@ from binderbox.launch.hub import DB_FILE
 GROWTH_ALLOWANCE_MIB = 4.0
 GROWTH_PER_LAUNCH_KIB = 16.0
 # The hub also fills JupyterHub's scope caches (LRU caches of 1024 entries in
-# jupyterhub/scopes.py, keyed by each throwaway user's scopes): about +23 MiB over the
-# first ~500 users, then flat (bench_hub_memory.py measures it without containers).
+# jupyterhub/scopes.py, keyed by each throwaway user's scopes): +23 MiB over the first
+# 500 users, +1 MiB over the next 1000 (bench_hub_memory.py, without containers).
 HUB_CACHES_MIB = 24.0
 SAMPLE_EVERY_S = 15.0
 # Launches counted as "the start" and "the end" for the launch-time percentiles.
@@ -299,15 +299,24 @@ def report(
 ) -> tuple[list[str], bool]:
     n = len(soak.outcomes)
     good = [o for o in soak.outcomes if o.launch is not None and not o.error]
-    errors = [f"launch {o.index + 1}: {o.error}" for o in soak.outcomes if o.error]
-    errors += end_errors
+    failed = [o for o in soak.outcomes if o.error]
+    errors = [f"launch {o.index + 1}: {o.error}" for o in failed] + end_errors
+    # Each distinct message once, with the launches that ended with it.
+    by_message: dict[str, list[int]] = {}
+    for o in failed:
+        by_message.setdefault(o.error, []).append(o.index + 1)
+    grouped = [
+        f"  {len(which)} x {message} (launch{'es' if len(which) > 1 else ''} "
+        f"{', '.join(map(str, which))})"
+        for message, which in by_message.items()
+    ] + [f"  {e}" for e in end_errors]
     lines = [
         "",
         f"Soak: {n} launches over {args.minutes:g} min (one every {soak.interval:.2f} s); "
         f"idle culler: {args.idle_timeout} s idle, checked every {args.cull_every} s",
         "",
         f"errors: {len(errors)}",
-        *(f"  {e}" for e in errors),
+        *grouped,
         "",
         f"{'seconds from the /build request':<40} {'n':>4} {'p50':>7} {'p95':>7} {'max':>7}",
         "-" * 68,

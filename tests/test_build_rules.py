@@ -15,6 +15,8 @@ import docker
 import pytest
 from tests.conftest import BINDERBOX, binderbox, run_in_image
 
+from binderbox.builder import stack
+
 pytestmark = pytest.mark.docker
 
 
@@ -60,6 +62,44 @@ def test_requirements_apt_postbuild_and_start_in_binder_dir(make_repo, build):
         image, "pip install --no-deps -q six==1.17.0 && echo Successfully installed"
     )
     assert sh(image, "locale | grep LANG=") == "LANG=en_US.UTF-8"
+
+
+def as_user(image: str, script: str) -> str:
+    """Run ``script`` as a session does (uid 1000), asserting it succeeds."""
+    command = ["docker", "run", "--rm", "--user", "1000:1000", image, "sh", "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_user_installs_with_uv_and_pip_in_post_build_and_in_a_session(make_repo, build):
+    repo = make_repo(
+        {
+            "requirements.txt": "six==1.16.0\n",
+            "postBuild": "#!/bin/sh\nuv pip install -q toml==0.10.2\n",
+        }
+    )
+    result = build(str(repo))
+    assert result.code == 0, result.stderr
+    image = result.image
+    # As `!uv pip install` and `!pip install` in a notebook: into the session's Python,
+    # which the user owns, with caches of the user's own.
+    assert as_user(image, "stat -c %U /srv/venv; uv cache dir") == (
+        "jovyan\n/home/jovyan/.cache/uv"
+    )
+    # One session: what it installs is gone with its container.
+    session = as_user(
+        image,
+        "uv pip install -q --python /srv/venv/bin/python iniconfig==2.0.0"
+        " && pip install -q tomli-w==1.0.0"
+        " && python -c 'import iniconfig, tomli_w, toml; print(\"imported\")'"
+        " && uv pip freeze",
+    ).splitlines()
+    assert session[0] == "imported"
+    wanted = {"six==1.16.0", "toml==0.10.2", "iniconfig==2.0.0", "tomli-w==1.0.0"}
+    assert wanted <= set(session[1:])
+    # The build's cache stayed in its mounts: the image has only their empty mount point.
+    assert as_user(image, f"ls -A {stack.UV_CACHE} | wc -l") == "0"
 
 
 def test_root_files_when_there_is_no_binder_dir(make_repo, build):

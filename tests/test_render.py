@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from binderbox.builder import lock, stack
-from binderbox.builder.plan import AptPackage, BuildPlan, Requirements
+from binderbox.builder.plan import AptPackage, BuildPlan, Requirements, RSetup
 from binderbox.builder.render import (
     ENTRYPOINT_SCRIPT,
     ImageOptions,
@@ -325,3 +325,48 @@ def test_every_run_has_a_described_step(plan, options):
 def test_repository_packages_are_compiled_only_on_request():
     assert "UV_COMPILE_BYTECODE=0" in dockerfile()
     assert "UV_COMPILE_BYTECODE=1" in dockerfile(compile_bytecode=True)
+
+
+# --- uv's cache -----------------------------------------------------------------------------
+
+
+def uv_cache_settings(lines: list[str]) -> list[tuple[int, str]]:
+    """(line, value) of each UV_CACHE_DIR an ENV instruction sets."""
+    return [
+        (i, m[1])
+        for i, line in enumerate(lines)
+        if line.startswith("ENV ")
+        for m in [re.search(r"\bUV_CACHE_DIR=(\S+)", line)]
+        if m
+    ]
+
+
+EVERY_UV_STEP = BuildPlan(
+    requirements=Requirements("requirements.txt", local=True),
+    install_project="setup.py",
+    r=RSetup(version="4.2", snapshot="2023-01-01", install_script="install.R"),
+    post_build="postBuild",
+    start="start",
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "home"),
+    [
+        ({}, "/home/jovyan"),
+        ({"foreign_base": True, "locked_python": ("six==1.16.0",)}, "/home/jovyan"),
+        ({"user_id": 1234, "user_name": "alice"}, "/home/alice"),
+    ],
+    ids=["default", "foreign-locked", "other-user"],
+)
+def test_uv_cache_is_the_mount_in_install_steps_and_the_users_after_them(options, home):
+    lines = lines_of(dockerfile(EVERY_UV_STEP, appendix="RUN uv --version", **options))
+    (build, build_value), (user, user_value) = uv_cache_settings(lines)
+    assert build_value == stack.UV_CACHE
+    # What the session's uv (and postBuild's) uses: a folder the user can create.
+    assert user_value == f"{home}/.cache/uv"
+    mounted = [i for i, line in enumerate(lines) if f"target={stack.UV_CACHE}," in line]
+    assert mounted and build < min(mounted) and max(mounted) < user
+    assert index(lines, "uv pip install --python /srv/venv/bin/python .") < user
+    for repository_code in ("install.R", "./postBuild", "RUN uv --version"):
+        assert user < index(lines, repository_code)

@@ -661,8 +661,8 @@ def collect(base_status):
         version = venv_version() or output(
             VENV_PYTHON, "-c", "import platform; print(platform.python_version())"
         )
-        # No cache: the image's cache folder belongs to build mounts, and root's must not
-        # be left in the image.
+        # No cache: UV_CACHE_DIR is the user's by now, which root must neither take over
+        # nor leave its own cache in.
         freeze = output("uv", "pip", "freeze", "--no-cache", "--python", VENV_PYTHON)
         found["python"] = {"version": version.strip(), "freeze": freeze.splitlines()}
     if shutil.which("Rscript"):

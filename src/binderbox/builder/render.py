@@ -87,6 +87,11 @@ class ImageOptions:
         return f"/home/{self.user_name}"
 
     @property
+    def user_uv_cache(self) -> str:
+        """uv's cache outside the build's cache mounts: the user's own, as uv's default."""
+        return f"{self.home}/.cache/uv"
+
+    @property
     def repo_dir(self) -> str:
         return self.target_repo_dir or self.home
 
@@ -212,6 +217,7 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "
         f"SSL_CERT_FILE={bundle} PIP_CERT={bundle} REQUESTS_CA_BUNDLE={bundle} "
         f"NODE_EXTRA_CA_CERTS={bundle} "
+        # The cache mounts' target, for the install steps; the user's own after them.
         f"UV_CACHE_DIR={stack.UV_CACHE} UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never "
         # The server stack in the base is always compiled (it decides how fast sessions
         # start); the repository's packages only on request: see compile_bytecode.
@@ -310,6 +316,10 @@ def render(plan: BuildPlan, options: ImageOptions) -> Recipe:
             f"uv pip install --python {stack.VENV}/bin/python .",
             mounts=private_cache,
         )
+    # No later step mounts the build's uv cache, and everything from here on (install.R,
+    # postBuild, the appendix, every session) runs as the user, whose uv must write its
+    # cache: the mount's target is an empty folder of root's in the image.
+    w.add(f"ENV UV_CACHE_DIR={options.user_uv_cache}")
     if plan.r and (plan.r.install_script or plan.r.package):
         # After the copy, as install.R may use the repository's files; before postBuild.
         support[r_support.RUNNER] = r_support.RUNNER_SCRIPT

@@ -18,7 +18,8 @@ BASE_USER_NAME = "jovyan"
 
 # Where the Python environment of every image lives.
 VENV = "/srv/venv"
-# Where uv keeps its cache inside builds (a BuildKit cache mount, never in the image).
+# Where uv keeps its cache in the build steps that mount it (a BuildKit cache mount, never
+# in the image, which only keeps the empty, root-owned mount point).
 UV_CACHE = "/var/cache/binderbox/uv"
 # Where uv itself is installed in the image.
 UV_HOME = "/opt/binderbox-uv"

@@ -141,6 +141,10 @@ class Settings:
     )
     # Whether /build accepts ?build_only=true (build, launch nothing).
     build_only_enabled: bool = False
+    # Prebuilt images anyone may launch as they are (/v2/image/<name>): comma-separated
+    # patterns of image names, '*' for any characters, such as "quay.io/jupyter/*,
+    # registry.example.org/*"; empty: launching prebuilt images is off.
+    prebuilt_images: str = ""
     # Sessions at once for one repository, and in all (0: as many as the machine's memory
     # holds at session_mem_guarantee each, keeping 2 GiB for everything else).
     per_repo_quota: int = 100
@@ -377,6 +381,7 @@ def _validated(settings: Settings) -> Settings:
     if settings.ca_bundle and not Path(settings.ca_bundle).is_file():
         raise UsageError(f"The CA bundle '{settings.ca_bundle}' does not exist.")
     _validate_registry(settings)
+    _validate_prebuilt(settings)
     _validate_sessions(settings)
     _validate_abuse_limits(settings)
     return settings
@@ -410,6 +415,15 @@ def _validate_registry(settings: Settings) -> None:
         ("postgresql://", "postgres://")
     ):
         raise UsageError("Setting 'database_url' must be a postgresql:// URL, or empty for SQLite.")
+
+
+def _validate_prebuilt(settings: Settings) -> None:
+    from binderbox.providers.image import ImageRefused, parse_patterns
+
+    try:
+        parse_patterns(settings.prebuilt_images)
+    except ImageRefused as error:
+        raise UsageError(f"Setting 'prebuilt_images': {error.message}") from None
 
 
 def build_nodes(settings: Settings) -> list[str]:

@@ -66,3 +66,12 @@ def image_name_for(
     if chosen:
         tag += "-o" + options_digest(chosen)
     return f"{settings.image_prefix}{escape_slug(slug)}:{tag}"
+
+
+def prebuilt_image_name(settings: Settings, reference: str, image_id: str) -> str:
+    """The local name of a prebuilt image (``/v2/image/…``): ``<prefix>image-<escaped
+    reference>:<its content id>``. Sessions run this name, so what they run is exactly the
+    content that was checked, whatever the reference's tag points to later; and it lies
+    under the prefix, the only images the spawner starts."""
+    content = image_id.removeprefix("sha256:")
+    return f"{settings.image_prefix}image-{escape_slug(reference)}:{content}"

@@ -42,6 +42,7 @@ from binderbox.events import Event
 from binderbox.images import ImageStore, open_image_store
 from binderbox.launch.supervisor import Supervisor
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
+from binderbox.providers.image import PROVIDER as IMAGE_PROVIDER
 from binderbox.service import buildtoken, pages, public
 from binderbox.service.blocking import BlockingPool, SingleFlight
 from binderbox.service.buildqueue import BuildJob, BuildQueue
@@ -70,6 +71,7 @@ from binderbox.service.limits import (
     parse_trusted_proxies,
 )
 from binderbox.service.observe import LaunchEventLog, Metrics, badge_svg
+from binderbox.service.prebuilt import PrebuiltImages
 from binderbox.service.specs import PROVIDERS, parse_spec, without_userinfo
 from binderbox.service.usage import usage_routes
 from binderbox.state import StateStore, open_state_store, state_owner
@@ -132,6 +134,7 @@ def create_app(
     image_holdings: ImageHoldings | None = None,
     build_cache: BuildCache | None = None,
     supervisor: Supervisor | None = None,
+    prebuilt: PrebuiltImages | None = None,
 ) -> Starlette:
     """The ASGI app for ``binderbox serve``; ``notes`` are shown on the status page's
     sessions card (e.g. whether the session firewall is on).
@@ -147,7 +150,8 @@ def create_app(
     images under ``image_prefix`` and its BuildKit cache); it is ``app.state.cleaner``.
 
     ``supervisor`` (serve's, launch/supervisor.py) adds its restart counts to /metrics and a
-    part that keeps dying to /health.
+    part that keeps dying to /health. ``prebuilt`` pulls and checks prebuilt images
+    (service/prebuilt.py; this dockerd unless given).
     """
     metrics = Metrics()
     if supervisor is not None:
@@ -204,6 +208,7 @@ def create_app(
         remote=remote,
         local=local,
         launches=InFlight(settings.launches_per_address),
+        prebuilt=prebuilt or PrebuiltImages(),
     )
     cleaner = (
         Cleaner(
@@ -291,7 +296,7 @@ def create_app(
         )
 
     async def repoproviders(request: Request) -> Response:
-        return cors(JSONResponse(provider_list()))
+        return cors(JSONResponse(provider_list(settings)))
 
     async def health_checks() -> tuple[bool, list[dict]]:
         checks = []
@@ -422,7 +427,7 @@ def create_app(
         return HTMLResponse(_launch_page(provider, spec, token))
 
     async def home_page(request: Request) -> Response:
-        return HTMLResponse(_home_page())
+        return HTMLResponse(_home_page(settings))
 
     async def status_page(request: Request) -> Response:
         ok, checks = await health_checks()
@@ -545,9 +550,10 @@ def _disk_card(settings: Settings, report: CleanerReport | None) -> str:
     )
 
 
-def provider_list() -> list[dict[str, str]]:
-    """Every provider, as /api/repoproviders lists it and the home page offers it."""
-    return [
+def provider_list(settings: Settings | None = None) -> list[dict[str, str]]:
+    """Every provider, as /api/repoproviders lists it and the home page offers it (prebuilt
+    images only when ``prebuilt_images`` allows some)."""
+    listed = [
         {
             "provider": p.name,
             "display_name": p.display_name,
@@ -566,6 +572,17 @@ def provider_list() -> list[dict[str, str]]:
         }
         for name, cls in CONTENT_PROVIDERS.items()
     ]
+    if settings is not None and settings.prebuilt_images:
+        listed.append(
+            {
+                "provider": IMAGE_PROVIDER,
+                "display_name": "Docker image",
+                "regex_detail": r"^(\S+)$",
+                "repo_label": "Docker image name (registry/path:tag)",
+                "ref_label": "",
+            }
+        )
+    return listed
 
 
 PLACEHOLDERS = {
@@ -578,11 +595,12 @@ PLACEHOLDERS = {
     "hydroshare": "https://www.hydroshare.org/resource/<id>/",
     "dataverse": "10.7910/DVN/TJCLKP",
     "ckan": "https://demo.ckan.org/dataset/<name>",
+    "image": "quay.io/jupyter/base-notebook:latest",
 }
 
 
-def _home_page() -> str:
-    providers = provider_list()
+def _home_page(settings: Settings) -> str:
+    providers = provider_list(settings)
     options = "".join(
         f'<option value="{html.escape(p["provider"])}">{html.escape(p["display_name"])}</option>'
         for p in providers

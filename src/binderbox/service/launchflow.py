@@ -29,10 +29,14 @@ from binderbox.providers.base import Source
 from binderbox.providers.content import PROVIDERS as CONTENT_PROVIDERS
 from binderbox.providers.content import content_source
 from binderbox.providers.git import GitPolicy, GitSource
+from binderbox.providers.image import PROVIDER as IMAGE_PROVIDER
+from binderbox.providers.image import binder_fields as image_binder_fields
+from binderbox.providers.image import spec_for_records as image_spec_for_records
 from binderbox.service.blocking import BlockingPool
 from binderbox.service.buildqueue import BuildQueue
 from binderbox.service.limits import InFlight, Limits
 from binderbox.service.observe import LaunchEventLog, Metrics
+from binderbox.service.prebuilt import PrebuiltImages, PreparedImage
 from binderbox.service.specs import (
     USERINFO_REFUSED,
     RepoSpec,
@@ -102,6 +106,8 @@ class ServiceContext:
     launches: InFlight = field(default_factory=lambda: InFlight(0))
     # Images that launches under way resolved to: the cleaner leaves them alone.
     launching: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Prebuilt images (/v2/image/…): pulled and checked instead of built.
+    prebuilt: PrebuiltImages = field(default_factory=PrebuiltImages)
 
 
 # Seconds a local call (Docker, the state database) may take.
@@ -207,6 +213,8 @@ async def launch_events(request: LaunchRequest, ctx: ServiceContext) -> AsyncIte
     if userinfo:
         # From here on (store, events, pages) only the address without it is known.
         request = dataclasses.replace(request, spec=without_userinfo(request.spec))
+    if request.provider == IMAGE_PROVIDER:  # one image is one name, however it was written
+        request = dataclasses.replace(request, spec=image_spec_for_records(request.spec))
     if request.client and not ctx.launches.acquire(request.client):
         count = ctx.launches.cap
         yield Event(
@@ -358,6 +366,21 @@ async def _launch(
     settings = ctx.settings
     if ctx.limits:
         ctx.limits.check_spec(request.provider, request.spec)
+    if request.provider == IMAGE_PROVIDER:
+        prepared: list[PreparedImage] = []
+        async with contextlib.aclosing(
+            ctx.prebuilt.prepare(request.spec, ctx, prepared, calls)
+        ) as steps:
+            async for event in steps:
+                yield event
+        ready = prepared[0]
+        found.append(ResolvedLaunch(ready.record, ready.source, ready.record.ref, ready.image))
+        ctx.launching[ready.image] += 1  # until the launch ends (launch_events)
+        fields = image_binder_fields(request.launch_host, ready.reference, ready.pinned)
+        async with contextlib.aclosing(_start_session(request, ctx, ready.image, fields)) as steps:
+            async for event in steps:
+                yield event
+        return
     yield Event("fetching", _resolving_message(request.provider, request.spec))
     # git stops itself at the deadline (then its thread is free again); the pool's own
     # deadline, a little later, is for calls that would not.
@@ -424,7 +447,18 @@ async def _launch(
             if job.result and job.result.lock:
                 fields_built["lock_url"] = f"{request.launch_host}logs/{job.build_id}/lock"
         yield Event("built", f"Built {image}.", fields_built)
+    async with contextlib.aclosing(_start_session(request, ctx, image, fields)) as steps:
+        async for event in steps:
+            yield event
 
+
+async def _start_session(
+    request: LaunchRequest, ctx: ServiceContext, image: str, fields: dict[str, str]
+) -> AsyncIterator[Event]:
+    """The image is there: the session, from quotas to ``ready`` (or build_only's end)."""
+    images = ctx.images
+    kept_here = isinstance(images, LocalImageStore)
+    store_name = _image_store_name(images)
     if request.build_only:
         yield Event(
             "ready", "The image is built; nothing was launched.", {"image": image, **fields}

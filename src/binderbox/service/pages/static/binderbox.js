@@ -8,6 +8,8 @@ const $ = (id) => document.getElementById(id);
 // ---------- Home: the launch form, share link and badges ----------
 
 const CONTENT = ["zenodo", "figshare", "hydroshare", "dataverse", "ckan"];
+// Providers without a ref: the records, and prebuilt images (the tag is in the name).
+const NO_REF = CONTENT.concat(["image"]);
 
 // A whole address of a repository on any git host: a scheme git can fetch, a host, a path.
 const GIT_ADDRESS = /^(https?|git):\/\/[^\/\s]+\/\S+/i;
@@ -64,6 +66,7 @@ function launchPath(provider, repo, ref) {
   if (provider === "gl" || provider === "git") {
     return "/v2/" + provider + "/" + enc(repo) + "/" + refPart("HEAD");
   }
+  if (provider === "image") return "/v2/image/" + repo.split("/").map(enc).join("/");
   // Records: a DOI keeps its slash, anything else is one escaped segment.
   const spec = /^10\.\d{4,}\/[^\s?#]+$/.test(repo) ? repo.split("/").map(enc).join("/") : enc(repo);
   return "/v2/" + provider + "/" + spec;
@@ -79,12 +82,12 @@ function initHome() {
     const p = providers[provider.value] || {};
     $("repo-label").textContent = p.repo_label || "Repository";
     $("ref-label").textContent = p.ref_label || "Ref";
-    $("ref-field").hidden = CONTENT.includes(provider.value);
+    $("ref-field").hidden = NO_REF.includes(provider.value);
     repo.placeholder = DATA.placeholders[provider.value] || "";
   }
 
   function link() {
-    const base = launchPath(provider.value, repo.value, CONTENT.includes(provider.value) ? "" : ref.value);
+    const base = launchPath(provider.value, repo.value, NO_REF.includes(provider.value) ? "" : ref.value);
     if (!base) return "";
     const target = path.value.trim();
     if (!target) return location.origin + base;

@@ -251,6 +251,7 @@ def report(local: dict, swarm: dict, args: argparse.Namespace) -> list[str]:
         *machine_lines(DOCKER),
         f"cluster:  this dockerd as manager + {args.workers} Docker-in-Docker workers on the "
         "same machine (they share its 2 cores)",
+        f"repository: requirements.txt {args.requirements!r}",
         "",
         "Seconds from GET /build/… to api/status 200 (image built; sessions on the workers)",
         "",
@@ -288,6 +289,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="launches of each single case")
     parser.add_argument("--launches", type=int, default=20, help="sequential launches")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
+    parser.add_argument(
+        "--requirements",
+        default="six",
+        help="the repository's requirements.txt, space-separated (a bigger image: "
+        "'numpy pandas matplotlib')",
+    )
     args = parser.parse_args()
     if reason := swarm_unavailable():
         print(f"error: {reason}", file=sys.stderr)
@@ -297,7 +304,9 @@ def main() -> int:
         work = Path(tmp)
         served = work / "served"
         served.mkdir()
-        publish_repo(work / "repo", served, "cluster.git")
+        publish_repo(
+            work / "repo", served, "cluster.git", "\n".join(args.requirements.split()) + "\n"
+        )
         (work / "cluster").mkdir()
         try:
             with git_daemon(served) as port, swarm_cluster(work / "cluster") as cluster:

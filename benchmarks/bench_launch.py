@@ -207,10 +207,10 @@ def git_daemon(root: Path) -> Iterator[int]:
             process.wait()
 
 
-def publish_repo(work: Path, served: Path, name: str) -> None:
+def publish_repo(work: Path, served: Path, name: str, requirements: str = "six\n") -> None:
     """A tiny Binder repository (six, one notebook) pushed to a bare repo ``name``."""
     work.mkdir(parents=True)
-    (work / "requirements.txt").write_text("six\n")
+    (work / "requirements.txt").write_text(requirements)
     (work / "index.ipynb").write_text(notebook("Launch benchmark", ["import six", "six.PY3"]))
     git("init", "--quiet", "--initial-branch=main", cwd=work)
     git("add", "-A", cwd=work)

@@ -17,6 +17,11 @@ from pathlib import Path
 import docker
 import pytest
 
+# The Swarm cluster: one for the whole test session. Defined once here — a session-scoped
+# fixture imported into two test modules is two fixtures, and two clusters in one swarm
+# placed one's sessions on the other's workers.
+from tests.cluster import cluster  # noqa: F401
+
 BINDERBOX = [sys.executable, "-m", "binderbox"]
 
 

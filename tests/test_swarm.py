@@ -15,7 +15,7 @@ import docker
 import pytest
 import requests
 import websocket
-from tests.cluster import DOCKER, Cluster, cluster  # noqa: F401 - the fixture
+from tests.cluster import DOCKER, Cluster
 from tests.conftest import binderbox, free_port
 from tests.test_launch import BINDER_FIELDS, execute_request
 
@@ -67,7 +67,7 @@ def test_hub_image_recipe_adds_the_proxy_and_binderbox_to_the_base() -> None:
 
 
 @pytest.fixture(scope="module")
-def swarm_image(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
+def swarm_image(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny built image, pushed to the cluster's registry; its local name."""
     repo = tmp_path_factory.mktemp("swarm-tiny")
     (repo / "README.md").write_text("A tiny repository for the swarm tests.\n")
@@ -81,7 +81,7 @@ def swarm_image(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> s
 
 @pytest.fixture(scope="module")
 def backend(
-    cluster: Cluster,  # noqa: F811
+    cluster: Cluster,
     swarm_image: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SwarmBackend]:
@@ -134,12 +134,12 @@ def service_of(session: Session) -> docker.models.services.Service:
     return service
 
 
-def node_of(cluster: Cluster, session: Session) -> str:  # noqa: F811
+def node_of(cluster: Cluster, session: Session) -> str:
     (task,) = [t for t in service_of(session).tasks() if t["Status"]["State"] == "running"]
     return cluster.nodes[task["NodeID"]]
 
 
-def container_of(cluster: Cluster, session: Session) -> tuple[str, str]:  # noqa: F811
+def container_of(cluster: Cluster, session: Session) -> tuple[str, str]:
     """(worker node, container id) of the session's container."""
     worker = node_of(cluster, session)
     found = cluster.worker_exec(
@@ -148,7 +148,7 @@ def container_of(cluster: Cluster, session: Session) -> tuple[str, str]:  # noqa
     return worker, found
 
 
-def in_session(cluster: Cluster, session: Session, *command: str) -> subprocess.CompletedProcess:  # noqa: F811
+def in_session(cluster: Cluster, session: Session, *command: str) -> subprocess.CompletedProcess:
     """Run a command inside the session's container, on its worker node."""
     worker, found = container_of(cluster, session)
     return subprocess.run(
@@ -160,7 +160,7 @@ def in_session(cluster: Cluster, session: Session, *command: str) -> subprocess.
 
 
 def test_launches_land_on_both_workers(
-    cluster: Cluster,  # noqa: F811
+    cluster: Cluster,
     two_sessions: list[Session],
 ) -> None:
     assert {node_of(cluster, s) for s in two_sessions} == set(cluster.workers)
@@ -206,7 +206,7 @@ def test_a_kernel_computes_over_the_websocket_through_the_proxy(
 
 
 def test_a_session_service_carries_the_binder_limits_and_lock_down(
-    cluster: Cluster,  # noqa: F811
+    cluster: Cluster,
     two_sessions: list[Session],
 ) -> None:
     session = two_sessions[0]
@@ -244,7 +244,7 @@ def test_a_session_service_carries_the_binder_limits_and_lock_down(
 
 
 def test_sessions_on_the_overlay_cannot_reach_each_other(
-    cluster: Cluster,  # noqa: F811
+    cluster: Cluster,
     two_sessions: list[Session],
 ) -> None:
     # The attempt from the first session is routed out of the worker's default route (an
@@ -277,7 +277,7 @@ def test_sessions_on_the_overlay_cannot_reach_each_other(
 
 
 def test_stopping_the_backend_removes_sessions_hub_and_proxy(
-    cluster: Cluster,  # noqa: F811
+    cluster: Cluster,
     backend: SwarmBackend,
     swarm_image: str,
 ) -> None:

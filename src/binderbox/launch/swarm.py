@@ -470,7 +470,23 @@ def ensure_hub_image(settings: Settings, client: docker.DockerClient) -> str:
             "The swarm backend's hub image could not be built.",
             log_tail="\n".join(result.stderr.strip().splitlines()[-15:]),
         )
+    _remove_old_hub_images(client, keep=name)
     return name
+
+
+def _remove_old_hub_images(client: docker.DockerClient, keep: str) -> None:
+    """Each binderbox version (or source change) makes a hub image of about 1 GB; the
+    ones no container uses any more go (dockerd refuses to remove one a container uses,
+    e.g. another deployment's hub)."""
+    try:
+        images = client.images.list(name=HUB_REPOSITORY)
+    except docker.errors.APIError:
+        return
+    for image in images:
+        for tag in image.tags:
+            if tag != keep and tag.startswith(f"{HUB_REPOSITORY}:"):
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(tag)
 
 
 def render_hub_config(settings: Settings, *, hub_id: str, hub: str, proxy: str) -> str:

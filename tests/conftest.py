@@ -262,6 +262,18 @@ def browser() -> Iterator:
         chromium.close()
 
 
+@pytest.fixture
+def page(browser):
+    """A fresh browser page, for a test that fails on JavaScript errors in it."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
 def shot(page, name: str, full_page: bool = False) -> None:
     """Keep a screenshot of ``page`` as artifacts/<name>.png."""
     ARTIFACTS.mkdir(exist_ok=True)

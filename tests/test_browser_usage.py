@@ -59,17 +59,6 @@ def usage_service(tmp_path_factory) -> Iterator[Service]:
     svc.stop()
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
-
-
 def test_the_charts_and_figures_are_the_numbers_of_the_json(usage_service, page):
     data = requests.get(usage_service.url + "/usage.json", timeout=30).json()
     totals = data["totals"]

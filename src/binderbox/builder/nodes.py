@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +139,7 @@ class NodeBuilder:
             emit(Event("building", f"Copying the base image {tag} to {node.host} (once)."))
             copier = node.client(timeout=COPY_TIMEOUT)
             try:
-                copier.images.load(_chunks(here.client.images.get(tag).save(named=True)))
+                copier.images.load(here.client.images.get(tag).save(named=True))
             except (docker.errors.DockerException, requests.RequestException) as error:
                 raise BinderboxError(
                     f"Copying the base image {tag} to the build node {node.host} failed: "
@@ -147,10 +147,6 @@ class NodeBuilder:
                 ) from None
             finally:
                 copier.close()
-
-
-def _chunks(stream: Iterator[bytes]) -> Iterator[bytes]:
-    yield from stream
 
 
 def _ping(node: BuildNode, fit: Callable[[str], str | None]) -> str | None:
